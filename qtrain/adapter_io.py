@@ -1,0 +1,79 @@
+"""Adapter folders: `adapter_config.json` + `adapter_model.safetensors` in peft's layout, plus `qtrain.json`.
+
+Tensor names are peft's: `base_model.model.` + the parameter's path in the wrapped model (e.g.
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`). `adapter_config.json` is what peft reads;
+`qtrain.json` records every method block of the run, so qtrain can rebuild runs that mix methods. Folders are
+written to a temporary sibling and renamed into place, so an existing adapter is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qtrain.errors import QTrainError
+from qtrain.methods import Method, build_methods
+from qtrain.methods.blocks import METHOD_BLOCKS
+
+PEFT_PREFIX = "base_model.model."
+WEIGHTS = "adapter_model.safetensors"
+
+
+def save_adapter(directory: str | Path, methods: list[Method], params: dict[str, nn.Parameter],
+                 base_model: str) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + name: p.detach().to("cpu").contiguous() for name, p in params.items()}
+    peft_configs = [c for c in (m.adapter_config(base_model) for m in methods) if c is not None]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if len(peft_configs) == 1:
+            (tmp / "adapter_config.json").write_text(json.dumps(peft_configs[0], indent=2) + "\n")
+        (tmp / "qtrain.json").write_text(json.dumps(
+            {"base_model": base_model, "methods": [m.block.model_dump(mode="json") for m in methods]}, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> tuple[list[Method], dict[str, nn.Parameter]]:
+    """Attach the methods saved in `directory` to `model` and load their weights."""
+    directory = Path(directory)
+    meta_file = directory / "qtrain.json"
+    if not meta_file.is_file() or not (directory / WEIGHTS).is_file():
+        raise QTrainError(f"{directory}: not a qtrain adapter folder (needs qtrain.json and {WEIGHTS})")
+    meta = json.loads(meta_file.read_text())
+    blocks = [METHOD_BLOCKS[b["method"]].model_validate(b) for b in meta["methods"]]
+    methods = build_methods(blocks)
+    params: dict[str, nn.Parameter] = {}
+    for m in methods:
+        params.update(m.attach(model))
+    saved = load_file(str(directory / WEIGHTS))
+    names = {PEFT_PREFIX + n for n in params}
+    if set(saved) != names:
+        missing, extra = sorted(names - set(saved)), sorted(set(saved) - names)
+        raise QTrainError(f"{directory}: adapter weights do not match this model (missing {missing[:3]}, "
+                          f"unexpected {extra[:3]}); load it on the base it was trained on")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[PEFT_PREFIX + name])
+    return methods, params

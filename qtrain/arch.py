@@ -1,0 +1,75 @@
+"""A model's shapes from its config.json alone: what the planner and closed-form parameter counts need.
+
+No weights and no torch: `Arch.from_config(dict)` reads the Llama-family fields (Llama, Mistral, Qwen2/3,
+Gemma, Phi-3 style configs use the same names) and lists every linear layer by its full module name, as the
+loaded model will name it, with its (in, out) shape. Methods compute their trainable-parameter count from
+this, and a test checks each count against the real model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qtrain.errors import QTrainError
+
+
+@dataclass(frozen=True)
+class Arch:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tie_embeddings: bool
+    attention_bias: bool = False
+    model_type: str = "llama"
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "Arch":
+        cfg = cfg.get("text_config", cfg)
+        try:
+            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            return cls(
+                hidden=hidden, intermediate=int(cfg["intermediate_size"]), layers=int(cfg["num_hidden_layers"]),
+                heads=heads, kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads), vocab=int(cfg["vocab_size"]),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+                model_type=str(cfg.get("model_type", "llama")),
+            )
+        except KeyError as e:
+            raise QTrainError(f"model config: missing {e.args[0]!r}; qtrain reads decoder configs of the Llama "
+                              "family (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, ...)")
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> "Arch":
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        try:
+            return cls.from_config(json.loads(file.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise QTrainError(f"model config: cannot read {file} ({e}); give a model folder or its config.json")
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """Full module name → (in_features, out_features) for every linear layer but the output head."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        per_layer = {
+            "self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+            "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, self.intermediate),
+            "mlp.up_proj": (h, self.intermediate), "mlp.down_proj": (self.intermediate, h),
+        }
+        return {f"model.layers.{i}.{name}": shape for i in range(self.layers) for name, shape in per_layer.items()}
+
+
+def matches(name: str, targets: list[str] | str) -> bool:
+    """peft's target rule: a list matches the full module name or its last components (`q_proj` matches
+    `model.layers.0.self_attn.q_proj`); a string is a regex that must match the full name."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)

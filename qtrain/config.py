@@ -1,0 +1,274 @@
+"""The run configuration: a typed, strict, nested schema, validated before anything is loaded.
+
+One pydantic model per YAML section; every default lives here and nowhere else. Unknown keys are errors with
+a "did you mean" suggestion, and every problem is reported at once with its dotted path. CLI overrides
+(`--set training.learning_rate=1e-4`) are applied to the raw mapping and go through the same validator, so
+an override can never bypass a check. PEFT methods are a list of blocks told apart by their `method:` key
+(a pydantic discriminated union); each method's block is declared next to its implementation in
+`qtrain.methods` and collected here.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qtrain.errors import ConfigError
+from qtrain.methods.blocks import METHOD_BLOCKS
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str = "smollm2-135m-instruct"
+    """A local Hugging Face folder, a hub id, or an alias (`smollm2-135m-instruct`, shipped offline)."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class QuantizationSection(Section):
+    bits: Literal[4, 8, "none"] = 4
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """`auto`: bfloat16 on a GPU that supports it, else float16 on GPU, float32 on CPU (bf16 is slower there)."""
+    blocksize: Literal[32, 64, 128, 256] = 64
+    skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"])
+    """Linear layers (by name suffix) that stay in full precision."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none_means_unquantized(cls, data: Any) -> Any:
+        # YAML `bits: none` parses as the string; `bits: null` / `~` as None: accept both.
+        if isinstance(data, dict) and "bits" in data and data["bits"] is None:
+            data = {**data, "bits": "none"}
+        return data
+
+
+class InstructionFields(Section):
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    messages: str = "messages"
+    text: str = "text"
+
+
+class DataSection(Section):
+    train: str
+    """A JSONL/JSON/CSV/Parquet file or a `datasets.save_to_disk` folder."""
+    eval: str | None = None
+    format: Literal["instruction", "chat", "text"] = "instruction"
+    fields: InstructionFields = Field(default_factory=InstructionFields)
+    prompt_template: Literal["auto", "chat_template", "alpaca"] = "auto"
+    """How `instruction` rows become text: the tokenizer's chat template when it has one (`auto`), or Alpaca."""
+    system_prompt: str | None = None
+    """For `chat_template` rendering of instruction rows: a system message (None keeps the template's default)."""
+    max_seq_len: PositiveInt = 512
+    train_on_prompt: bool = False
+    """Compute the loss on the prompt too (default: responses only, end-of-turn token included)."""
+
+
+class EvalSection(Section):
+    exact_match: bool = True
+    """Generate greedily for each `data.eval` prompt and compare with the reference answer."""
+    max_examples: PositiveInt = 100
+    max_new_tokens: PositiveInt = 32
+    before_training: bool = True
+    """Also score the base model, so the report shows what training changed."""
+
+
+class TrainingSection(Section):
+    micro_batch_size: PositiveInt = 4
+    gradient_accumulation_steps: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    epochs: Annotated[float, Field(gt=0)] | None = None
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2e-4
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: NonNegInt = 0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: Annotated[float, Field(gt=0)] = 1e-8
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    log_every: PositiveInt = 1
+    loss_chunk_size: PositiveInt = 512
+    """Target tokens per chunk of the output projection + cross-entropy (never the full logits at once)."""
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainingSection":
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError(
+                "set either training.max_steps or training.epochs, not both (max_steps counts optimizer steps)"
+            )
+        return self
+
+
+class LoggingSection(Section):
+    progress: bool = True
+    """A progress bar on stderr (step, loss, tokens/s, ETA); off in CI or when not a terminal, if `auto`."""
+
+
+class OutputSection(Section):
+    dir: str = "runs/qtrain"
+
+
+PeftBlock = Annotated[Union[tuple(METHOD_BLOCKS.values())], Field(discriminator="method")]  # type: ignore[valid-type]
+
+
+class RunConfig(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    peft: list[PeftBlock] = Field(min_length=1)  # type: ignore[valid-type]
+    data: DataSection
+    eval: EvalSection = Field(default_factory=EvalSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """A short hash of the resolved config, stable across key order."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML file, apply `key=value` overrides, validate. Raises ConfigError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist; pass the path of a YAML file"], "qtrain")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([f"not valid YAML{where}: {problem}; fix the syntax there"], str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(["the file is not UTF-8 text; save the config as UTF-8 YAML"], str(path)) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            [f"the top level must be a mapping of sections (model:, peft:, data:, ...), got {type(raw).__name__}"],
+            str(path),
+        )
+    return validate_config(apply_overrides(raw, overrides), source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError([_describe(err) for err in e.errors()], source) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `dotted.key=value` strings (values parsed as YAML; list items by index: `peft.0.r=8`)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"override {item!r} is not of the form dotted.key=value (e.g. training.max_steps=50)"],
+                              "--set")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        _set_path(raw, key.strip().split("."), value, item)
+    return raw
+
+
+def _set_path(node: Any, parts: list[str], value: Any, item: str) -> None:
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError([f"override {item!r}: {'.'.join(parts[:i]) or 'the list'} has no item {part!r} "
+                                   f"(it has {len(node)} items, numbered from 0)"], "--set")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError([f"override {item!r}: {'.'.join(parts[:i])} is a value, not a section"], "--set")
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config class that owns the key at `loc`, to suggest its known keys. List indices are skipped;
+    inside `peft`, the discriminator tag (`lora`, ...) names the block class."""
+    model: type[BaseModel] | None = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None and part in METHOD_BLOCKS:
+            model = METHOD_BLOCKS[part]
+            continue
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    # Drop the discriminator tag from the user-facing path: `peft.0.lora.r` → `peft.0.r`.
+    shown = tuple(p for i, p in enumerate(loc) if not (p in METHOD_BLOCKS and i > 0 and isinstance(loc[i - 1], int)))
+    key = _dotted(shown)
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        known = sorted(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f"; did you mean {'.'.join(map(str, shown[:-1] + (close[0],)))!r}?" if close else ""
+        return f"{key}: unknown key{hint} (known keys here: {', '.join(known)})"
+    if kind == "missing":
+        return f"{key}: required but missing; add it to the config"
+    if kind == "union_tag_invalid":
+        return (f"{key}: unknown method {err.get('ctx', {}).get('tag')!r}; choose one of: "
+                f"{', '.join(sorted(METHOD_BLOCKS))}")
+    if kind == "union_tag_not_found":
+        return f"{key}: each peft block needs a `method:` key (one of: {', '.join(sorted(METHOD_BLOCKS))})"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{key}: {value!r} is not allowed; expected {expected}"
+    if kind == "value_error":
+        return f"{key}: {str(err['msg']).removeprefix('Value error, ')}"
+    return f"{key}: {err['msg'].lower()}, got {value!r}"

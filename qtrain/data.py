@@ -1,0 +1,348 @@
+"""Data: read rows with `datasets`, render them to text segments, tokenize with a loss mask, batch.
+
+Every format becomes a list of segments `(text, trainable)`; tokens of trainable segments carry labels, the
+others get IGNORE_INDEX (unless `train_on_prompt`). The end-of-turn / end-of-sequence token belongs to the
+response segment, so the model learns to stop; padding is masked by length, never by token id, so a pad token
+equal to EOS cannot hide a real EOS label.
+
+- `instruction`: rendered through the tokenizer's chat template when it has one (user = instruction + input,
+  assistant = output), else the Alpaca template.
+- `chat`: a list of `{role, content}` messages through the chat template; every assistant turn is trained.
+  The template must render a conversation's prefix as a prefix of the whole (true of common templates).
+- `text`: the whole text is trained on, EOS appended.
+
+The batch order is a seeded permutation per epoch, addressed by (epoch, position): resuming restores the
+position instead of replaying batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from qtrain.config import DataSection
+from qtrain.errors import DataError
+from qtrain.numerics import IGNORE_INDEX
+
+_ALPACA_HEAD = ("Below is an instruction that describes a task{extra}. "
+                "Write a response that appropriately completes the request.\n\n")
+_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def load_rows(path: str, key: str):
+    """A `datasets.Dataset` of raw rows, plus row→line numbers for JSONL files (for error messages)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{key}: {path!r} does not exist; give a JSONL/JSON/CSV/Parquet file or a "
+                        "datasets save_to_disk folder")
+    if p.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # not a saved dataset
+            raise DataError(f"{key}: {path!r} is a folder but not a datasets save_to_disk folder ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{key}: {path!r} holds splits {list(ds)}; save one split, or a 'train' split")
+            ds = ds["train"]
+        return ds, None
+    builder = _SUFFIXES.get(p.suffix.lower())
+    if builder is None:
+        raise DataError(f"{key}: {path!r} has an unsupported extension; use .jsonl, .json, .csv or .parquet")
+    if p.stat().st_size == 0:
+        raise DataError(f"{key}: {path!r} is empty; it needs at least one example")
+    if builder == "json":
+        # Parsed here, not by pyarrow's JSON reader: it names the bad line, and pyarrow would silently turn
+        # text such as "2021-03-03" into a timestamp.
+        rows, lines = _read_json(p)
+        ds = _from_rows(rows, lines, p)
+    else:
+        lines = None
+        try:
+            extra = _csv_as_text(p) if builder == "csv" else {}
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True, **extra)
+        except Exception as e:
+            raise DataError(f"{key}: {path!r} could not be read as {builder} ({type(e).__name__}: {e})") from None
+    if len(ds) == 0:
+        raise DataError(f"{key}: {path!r} is empty; it needs at least one example")
+    return ds, lines
+
+
+def _csv_as_text(p: Path) -> dict[str, Any]:
+    """CSV cells are text: numbers and dates are not guessed, empty cells stay empty strings."""
+    import csv
+
+    import datasets
+
+    with open(p, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    return {"features": datasets.Features({c: datasets.Value("string") for c in header}), "keep_default_na": False}
+
+
+def _from_rows(rows: list[dict[str, Any]], lines: list[int], p: Path):
+    import datasets
+
+    try:
+        return datasets.Dataset.from_list(rows)
+    except Exception:  # pyarrow could not unify a column's types: find the first row that differs
+        first: dict[str, type] = {}
+        for row, n in zip(rows, lines):
+            for k, v in row.items():
+                if v is None:
+                    continue
+                if first.setdefault(k, type(v)) is not type(v):
+                    raise DataError(f"{p}:{n}: field {k!r} is {type(v).__name__} where earlier rows have "
+                                    f"{first[k].__name__}; make the column one type") from None
+        raise DataError(f"{p}: the rows could not be combined into a table; check that each field has one type") \
+            from None
+
+
+def _read_json(p: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """Parse a JSON array or JSONL file; rows and their line numbers (a malformed row is named by its line)."""
+    text = p.read_text(encoding="utf-8", errors="strict")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{p}: a JSON array of objects is expected (one object per example)")
+        return rows, list(range(1, len(rows) + 1))
+    rows, lines = [], []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove that line") \
+                from None
+        if not isinstance(row, dict):
+            raise DataError(f"{p}:{n}: each line must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        lines.append(n)
+    if not rows:
+        raise DataError(f"{p}: no examples in the file; it needs at least one JSON object per line")
+    return rows, lines
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+class Formatter:
+    """Turns one raw row into (text, trainable) segments for the configured format."""
+
+    def __init__(self, cfg: DataSection, tokenizer, source: str):
+        self.cfg, self.tok, self.source = cfg, tokenizer, source
+        use_chat = cfg.prompt_template == "chat_template" or (
+            cfg.prompt_template == "auto" and getattr(tokenizer, "chat_template", None))
+        if (cfg.format == "chat" or use_chat) and not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"data.format: {cfg.format!r} with a chat template needs a tokenizer that has one; "
+                            "this model's has none. Use data.prompt_template: alpaca or data.format: text")
+        self.use_chat = bool(use_chat)
+
+    @property
+    def template_ends_turns(self) -> bool:
+        """Whether the chat template writes the end-of-turn token; otherwise EOS is appended."""
+        return self.cfg.format == "chat" or (self.cfg.format == "instruction" and self.use_chat)
+
+    def where(self, index: int, lines: list[int] | None) -> str:
+        return f"{self.source}:{lines[index]}" if lines else f"{self.source} row {index}"
+
+    def field(self, row: dict[str, Any], name: str, where: str, required: bool = True) -> str:
+        value = row.get(name)
+        if value is None:
+            if required:
+                raise DataError(f"{where}: missing field {name!r} (data.fields maps your column names; "
+                                f"this row has {sorted(row)})")
+            return ""
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {name!r} must be text, got {type(value).__name__}")
+        return value
+
+    def segments(self, row: dict[str, Any], where: str) -> list[tuple[str, bool]]:
+        f = self.cfg.fields
+        if self.cfg.format == "text":
+            return [(self.field(row, f.text, where), True)]
+        if self.cfg.format == "chat":
+            return self._chat_segments(self._messages(row, where), where)
+        prompt, answer = self.instruction_prompt(row, where), self.field(row, f.output, where)
+        if self.use_chat:
+            return self._chat_segments(self._instruction_messages(row, where) + [
+                {"role": "assistant", "content": answer}], where)
+        return [(prompt, False), (answer, True)]
+
+    def instruction_prompt(self, row: dict[str, Any], where: str) -> str:
+        """The prompt text of an instruction row (for generation), without the answer."""
+        if self.use_chat:
+            return self.tok.apply_chat_template(self._instruction_messages(row, where), tokenize=False,
+                                                add_generation_prompt=True)
+        f = self.cfg.fields
+        instruction, extra = self.field(row, f.instruction, where), self.field(row, f.input, where, required=False)
+        head = _ALPACA_HEAD.format(extra=", paired with an input that provides further context" if extra else "")
+        body = f"### Instruction:\n{instruction}\n\n" + (f"### Input:\n{extra}\n\n" if extra else "")
+        return head + body + "### Response:\n"
+
+    def _instruction_messages(self, row: dict[str, Any], where: str) -> list[dict[str, str]]:
+        f = self.cfg.fields
+        instruction, extra = self.field(row, f.instruction, where), self.field(row, f.input, where, required=False)
+        msgs = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
+        return msgs + [{"role": "user", "content": instruction + (f"\n\n{extra}" if extra else "")}]
+
+    def _messages(self, row: dict[str, Any], where: str) -> list[dict[str, str]]:
+        msgs = row.get(self.cfg.fields.messages)
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: field {self.cfg.fields.messages!r} must be a non-empty list of "
+                            "{role, content} messages")
+        for m in msgs:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: every message needs text 'role' and 'content', got {m!r}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{where}: the conversation has no assistant message to learn from")
+        return msgs
+
+    def _chat_segments(self, msgs: list[dict[str, str]], where: str) -> list[tuple[str, bool]]:
+        render = self.tok.apply_chat_template
+        segs, done = [], ""
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            before = render(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            upto = render(msgs[:i + 1], tokenize=False)
+            if not (before.startswith(done) and upto.startswith(before)):
+                raise DataError(f"{where}: this tokenizer's chat template does not render a conversation's "
+                                "start as a prefix of the whole, so responses cannot be masked; use "
+                                "data.format: text or data.prompt_template: alpaca")
+            segs += [(before[len(done):], False), (upto[len(before):], True)]
+            done = upto
+        rest = render(msgs, tokenize=False)[len(done):]
+        return segs + ([(rest, False)] if rest else [])
+
+
+# ------------------------------------------------------------------------------------------------ tokenizing
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    truncated: int = 0
+    all_masked: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+
+    def line(self) -> str:
+        return (f"{self.examples} examples, {self.tokens} tokens ({self.target_tokens} trained on); "
+                f"{self.truncated} truncated to max_seq_len, {self.all_masked} skipped with nothing to learn")
+
+
+def tokenize_segments(segments: list[tuple[str, bool]], tokenizer, max_len: int, train_on_prompt: bool,
+                      add_eos: bool) -> tuple[list[int], list[int], bool]:
+    ids: list[int] = []
+    labels: list[int] = []
+    if _adds_bos(tokenizer) and not any(tokenizer.bos_token in s for s, _ in segments[:1]):
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    for text, trainable in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if (trainable or train_on_prompt) else [IGNORE_INDEX] * len(piece)
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    truncated = len(ids) > max_len
+    return ids[:max_len], labels[:max_len], truncated
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def prepare(path: str, cfg: DataSection, tokenizer, key: str) -> tuple[Any, DataStats]:
+    """Read, render and tokenize a data file; returns a Dataset with input_ids/labels and the counts."""
+    rows, lines = load_rows(path, key)
+    fmt = Formatter(cfg, tokenizer, str(path))
+    add_eos = not fmt.template_ends_turns
+
+    def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
+        segs = fmt.segments(row, fmt.where(index, lines))
+        ids, labels, truncated = tokenize_segments(segs, tokenizer, cfg.max_seq_len, cfg.train_on_prompt, add_eos)
+        return {"input_ids": ids, "labels": labels, "truncated": truncated}
+
+    encoded = rows.map(encode, with_indices=True, remove_columns=rows.column_names, keep_in_memory=True,
+                       load_from_cache_file=False, desc=None)
+    stats = DataStats(truncated=sum(encoded["truncated"]))
+    keep = [i for i, lab in enumerate(encoded["labels"]) if any(t != IGNORE_INDEX for t in lab[1:])]
+    stats.all_masked = len(encoded) - len(keep)
+    if not keep:
+        raise DataError(f"{key}: no example in {path!r} has a response token left to learn from after "
+                        f"truncation to data.max_seq_len={cfg.max_seq_len}; raise max_seq_len or check the fields")
+    encoded = encoded.select(keep).remove_columns("truncated")
+    stats.examples = len(encoded)
+    stats.tokens = sum(len(x) for x in encoded["input_ids"])
+    stats.target_tokens = sum(sum(t != IGNORE_INDEX for t in lab[1:]) for lab in encoded["labels"])
+    return encoded, stats
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding gets attention 0 and label IGNORE_INDEX."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@dataclass
+class Batches:
+    """An endless, seeded stream of micro-batches over epochs, resumable by (epoch, position)."""
+
+    dataset: Any
+    micro_batch_size: int
+    seed: int
+    pad_id: int
+    epoch: int = 0
+    position: int = 0  # micro-batches already taken in this epoch
+    _order: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(len(self.dataset) / self.micro_batch_size)
+
+    def _epoch_order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=g).tolist()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.position >= self.per_epoch:
+            self.epoch, self.position, self._order = self.epoch + 1, 0, []
+        if not self._order:
+            self._order = self._epoch_order()
+        start = self.position * self.micro_batch_size
+        idx = self._order[start:start + self.micro_batch_size]
+        self.position += 1
+        return collate([self.dataset[i] for i in idx], self.pad_id)
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}

@@ -1,0 +1,127 @@
+"""Data: formats, loss masks (responses and their end-of-turn token only), file formats, named errors."""
+
+import json
+
+import pytest
+
+from qtrain.config import DataSection
+from qtrain.data import Batches, collate, prepare
+from qtrain.errors import DataError
+from qtrain.numerics import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from conftest import make_tokenizer
+
+    return make_tokenizer()
+
+
+def trained_text(tokenizer, example):
+    return tokenizer.decode([t for t, lab in zip(example["input_ids"], example["labels"]) if lab != IGNORE_INDEX])
+
+
+def test_instruction_through_chat_template_trains_on_answer_and_end_of_turn(tokenizer, dates_file):
+    ds, stats = prepare(str(dates_file), DataSection(train=str(dates_file)), tokenizer, "data.train")
+    ex = ds[0]
+    assert trained_text(tokenizer, ex) == "2021-03-03<|im_end|>\n"
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id  # pad == EOS, and still the EOS label is kept
+    assert tokenizer.eos_token_id in [lab for lab in ex["labels"] if lab != IGNORE_INDEX]
+    assert tokenizer.decode(ex["input_ids"]).startswith("<|im_start|>user\nRewrite the date")
+    assert stats.examples == 8 and stats.truncated == 0
+
+
+def test_alpaca_and_text_formats_append_eos(tokenizer, dates_file, tmp_path):
+    cfg = DataSection(train=str(dates_file), prompt_template="alpaca")
+    ex = prepare(str(dates_file), cfg, tokenizer, "data.train")[0][0]
+    assert trained_text(tokenizer, ex) == "2021-03-03<|im_end|>"
+    assert "### Response:\n" in tokenizer.decode(ex["input_ids"])
+    text_file = tmp_path / "t.jsonl"
+    text_file.write_text(json.dumps({"text": "March 3"}) + "\n")
+    ex = prepare(str(text_file), DataSection(train=str(text_file), format="text"), tokenizer, "data.train")[0][0]
+    assert all(lab != IGNORE_INDEX for lab in ex["labels"])
+    assert ex["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_chat_format_trains_every_assistant_turn(tokenizer, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    msgs = [{"role": "user", "content": "March 3"}, {"role": "assistant", "content": "2021-03-03"},
+            {"role": "user", "content": "May 1"}, {"role": "assistant", "content": "1999-05-01"}]
+    path.write_text(json.dumps({"messages": msgs}) + "\n")
+    ex = prepare(str(path), DataSection(train=str(path), format="chat"), tokenizer, "data.train")[0][0]
+    assert trained_text(tokenizer, ex) == "2021-03-03<|im_end|>\n1999-05-01<|im_end|>\n"
+
+
+def test_truncation_is_counted_and_fully_masked_rows_skipped(tokenizer, dates_file):
+    # Prompts take 35-41 tokens here: at 40, every row is cut and some lose their whole answer.
+    ds, stats = prepare(str(dates_file), DataSection(train=str(dates_file), max_seq_len=40), tokenizer, "x")
+    assert stats.truncated == 8 and 0 < stats.all_masked < 8 and stats.examples == 8 - stats.all_masked
+    assert all(len(x) == 40 for x in ds["input_ids"])
+    with pytest.raises(DataError, match="no example .* has a response token"):
+        prepare(str(dates_file), DataSection(train=str(dates_file), max_seq_len=5), tokenizer, "data.train")
+
+
+def test_iso_dates_stay_text(tokenizer, dates_file):
+    # pyarrow's JSON reader would turn "2021-03-03" into a timestamp; qtrain must not.
+    ds, _ = prepare(str(dates_file), DataSection(train=str(dates_file)), tokenizer, "data.train")
+    assert trained_text(tokenizer, ds[0]).startswith("2021-03-03")
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet", "disk", "json"])
+def test_other_file_formats(tokenizer, tmp_path, kind):
+    import datasets
+
+    rows = [{"instruction": "Rewrite.", "input": "March 3, 2021", "output": "2021-03-03"}]
+    ds = datasets.Dataset.from_list(rows)
+    path = tmp_path / {"csv": "d.csv", "parquet": "d.parquet", "disk": "d", "json": "d.json"}[kind]
+    if kind == "csv":
+        ds.to_csv(str(path), index=False)
+    elif kind == "parquet":
+        ds.to_parquet(str(path))
+    elif kind == "disk":
+        ds.save_to_disk(str(path))
+    else:
+        path.write_text(json.dumps(rows))
+    out, _ = prepare(str(path), DataSection(train=str(path)), tokenizer, "data.train")
+    assert trained_text(tokenizer, out[0]) == "2021-03-03<|im_end|>\n"
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', r"d\.jsonl:2: not valid JSON"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"d\.jsonl:2: missing field 'output'"),
+    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": 5}\n', r"d\.jsonl:3: field 'output' is int"),
+    ('["not", "an", "object"]\n', r"array of objects"),
+    ("", r"is empty"),
+    ("\n\n", r"no examples"),
+])
+def test_bad_files_name_file_and_line(tokenizer, tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        prepare(str(path), DataSection(train=str(path)), tokenizer, "data.train")
+
+
+def test_missing_file_and_bad_extension(tokenizer, tmp_path):
+    with pytest.raises(DataError, match="data.train: .* does not exist"):
+        prepare(str(tmp_path / "nope.jsonl"), DataSection(train="x"), tokenizer, "data.train")
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(DataError, match="unsupported extension"):
+        prepare(str(tmp_path / "d.txt"), DataSection(train="x"), tokenizer, "data.train")
+
+
+def test_collate_masks_padding_by_length_not_id():
+    batch = collate([{"input_ids": [5, 2], "labels": [-100, 2]}, {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}],
+                    pad_id=2)
+    assert batch["input_ids"].tolist() == [[5, 2, 2], [5, 6, 7]]
+    assert batch["labels"].tolist() == [[-100, 2, -100], [-100, 6, 7]]  # the real EOS (2) keeps its label
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_batches_are_seeded_and_resumable():
+    ds = [{"input_ids": [i, i], "labels": [i, i]} for i in range(10)]
+    a = Batches(ds, 3, seed=1, pad_id=0)
+    seq = [next(a)["input_ids"][:, 0].tolist() for _ in range(6)]  # two epochs of 4 micro-batches, minus 2
+    assert sorted(sum(seq[:4], [])) == list(range(10))  # one epoch covers every example once
+    b = Batches(ds, 3, seed=1, pad_id=0, epoch=1, position=0)
+    assert [next(b)["input_ids"][:, 0].tolist() for _ in range(2)] == seq[4:6]
+    assert Batches(ds, 3, seed=2, pad_id=0).__next__()["input_ids"][:, 0].tolist() != seq[0]

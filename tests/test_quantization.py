@@ -1,0 +1,61 @@
+"""The quantization seam: every storage computes exactly with the weight `dequantized_weight` reports."""
+
+import pytest
+import torch
+from torch import nn
+
+from qtrain.quantization import QuantSpec, bits_of, dequantized_weight, is_quantized, quantize_linear, weight_nbytes
+
+SPECS = [QuantSpec(bits=4, quant_type="nf4", double_quant=True), QuantSpec(bits=4, quant_type="fp4", double_quant=False),
+         QuantSpec(bits=8), QuantSpec(bits=None)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["nf4-dq", "fp4", "int8", "none"])
+def test_layer_multiplies_by_its_dequantized_weight(spec):
+    torch.manual_seed(0)
+    dense = nn.Linear(128, 96, bias=True)
+    layer = quantize_linear(dense, spec)
+    x = torch.randn(5, 128)
+    ref = x.double() @ dequantized_weight(layer, torch.float64).T + dense.bias.double()
+    out = layer.train()(x)
+    # float32 matmul against a float64 reference over 128 products: ~1e-6 relative.
+    assert (out.double() - ref).abs().max() < 2e-5
+    assert bits_of(layer) == spec.bits and is_quantized(layer) == (spec.bits is not None)
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+@pytest.mark.parametrize("spec,tol", [(SPECS[0], 0.25), (SPECS[1], 0.35), (SPECS[2], 0.01), (SPECS[3], 0.0)],
+                         ids=["nf4-dq", "fp4", "int8", "none"])
+def test_dequantized_weight_is_close_to_the_original(spec, tol):
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 64, bias=False)
+    w = dense.weight.detach()
+    err = (dequantized_weight(quantize_linear(dense, spec)) - w).abs().max() / w.abs().max()
+    assert err <= tol
+    if spec.bits is not None:
+        assert err > 0  # it really was quantized
+
+
+def test_storage_is_smaller_and_counted():
+    dense = nn.Linear(1024, 1024, bias=False)
+    fp32 = 1024 * 1024 * 4
+    n4 = weight_nbytes(quantize_linear(dense, QuantSpec(bits=4, double_quant=True)))
+    n4_plain = weight_nbytes(quantize_linear(dense, QuantSpec(bits=4, double_quant=False)))
+    n8 = weight_nbytes(quantize_linear(dense, QuantSpec(bits=8)))
+    assert n4 == 1024 * 1024 // 2 + (1024 * 1024 // 64) + (1024 * 1024 // 64 // 256) * 4 + 256 * 4
+    assert n4_plain == 1024 * 1024 // 2 + (1024 * 1024 // 64) * 4  # fp32 absmax per 64-block
+    assert n8 == 1024 * 1024 + 1024 * 4
+    assert n4 < n4_plain < n8 < fp32
+
+
+def test_eval_mode_keeps_the_4bit_layout():
+    # bnb repacks 4-bit weights for AVX512-BF16 CPUs in eval mode; qtrain keeps one layout (and one numeric path).
+    torch.manual_seed(0)
+    layer = quantize_linear(nn.Linear(64, 64), SPECS[0])
+    before = layer.weight.data.clone()
+    x = torch.randn(3, 64)
+    train_out = layer.train()(x)
+    with torch.no_grad():
+        eval_out = layer.eval()(x)
+    assert torch.equal(layer.weight.data, before)
+    assert torch.equal(train_out, eval_out)
