@@ -1,0 +1,283 @@
+"""The memory model behind `qtrain plan`: one training step's peak, predicted from the model's config.json alone.
+
+The prediction models what qtrain's own loop keeps alive, not a generic transformer: the frozen base as the
+loader stores it (bnb 4/8-bit packed weights and their constants, everything else in the compute dtype), the
+trainable parameters as fp32 masters with their gradients and optimizer states, and the activations autograd
+saves in one micro-batch's forward: per decoder layer the fp32 inputs of the two RMSNorms, the rotated q/k/v
+and attention output (repeat_kv copies when a padding mask is present), the MLP's gate/silu/up tensors, and each
+LoRA's input (shared when fp32, one copy per wrapper under 16-bit autocast or dropout) and rank-r intermediate.
+With checkpointing only each layer's input survives (plus the inputs bnb's 8-bit matmul holds outside autograd's
+saved tensors), and one layer is recomputed in backward. The loss never builds the full logits: the output head runs on target positions
+in checkpointed chunks of `training.loss_chunk_size`, so the logits term is one chunk's softmax and gradient.
+bnb dequantizes one weight per linear call, so one dense weight is scratch. The peak is the larger of the
+backward phase (saved activations + the biggest transient) and the optimizer step.
+
+Methods are accounted for through their config blocks only: `trainable_parameters(arch)`,
+`full_precision_linears(arch)` (stored unquantized) and `extra_tokens()` (longer sequences); blocks that name
+`target_modules`/`r` (LoRA-like) are modelled per targeted linear. The formulas live here rather than in
+`qtrain.numerics` because planning must not import torch. `benchmarks/planner_accuracy.py` measures them;
+`qtrain.planner` builds the verdict, the what-fits solver and the report on top.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qtrain.arch import Arch, matches
+from qtrain.config import RunConfig
+from qtrain.errors import QTrainError
+from qtrain.gpus import MiB
+from qtrain.locate import model_config_file
+
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+CUDA_CONTEXT = 512 * MiB  # CUDA context + cuBLAS workspace, outside torch's allocator (typical on CUDA 12)
+CPU_RUNTIME = 480 * MiB  # RSS of Python with torch, transformers, bitsandbytes and accelerate imported
+BNB_MIN_8BIT = 4096  # bnb keeps optimizer state of tensors smaller than this in 32-bit (min_8bit_size)
+BNB_PAGED_MIN = 100_000  # bnb pages only state tensors of at least this many elements
+GROUPS = {"attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o_in": ("self_attn.o_proj",),
+          "mlp_in": ("mlp.gate_proj", "mlp.up_proj"), "down_in": ("mlp.down_proj",)}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything the prediction depends on; the solver explores by `replace`-ing fields."""
+
+    arch: Arch
+    blocks: tuple[Any, ...]
+    bits: int | None
+    double_quant: bool = True
+    blocksize: int = 64
+    skip_modules: tuple[str, ...] = ("lm_head",)
+    compute_bytes: int = 2
+    checkpoint_bytes: int = 2  # dtype of the checkpoint's tensors: bnb dequantizes into it
+    micro_batch: int = 1
+    seq_len: int = 512
+    checkpointing: bool = True
+    optimizer: str = "adamw"
+    attention: str = "sdpa"
+    loss_chunk: int = 512
+    device: str = "cuda"
+
+    @property
+    def tokens(self) -> int:  # positions per sequence, virtual tokens of prompt/prefix methods included
+        return self.seq_len + sum(b.extra_tokens() for b in self.blocks)
+
+
+@dataclass
+class Estimate:
+    components: dict[str, int]  # contributions to the peak; they sum to `peak`
+    details: dict[str, int]  # the other sizes worth knowing (both checkpointing modes, working sets, paging)
+    peak: int
+
+
+def lora_like(block: Any) -> bool:
+    return hasattr(block, "target_modules") and hasattr(block, "r")
+
+
+def _targeted(block: Any, name: str) -> bool:
+    return block.target_modules == "all-linear" or matches(name, block.target_modules)
+
+
+def _rank(block: Any, name: str) -> int:
+    return block.rank_for(name) if hasattr(block, "rank_for") else block.r
+
+
+def quantized_linear_bytes(n_in: int, n_out: int, bits: int | None, compute_bytes: int, double_quant: bool = True,
+                           blocksize: int = 64) -> int:
+    """Stored bytes of one linear's weight, exactly as `qtrain.quantization.weight_nbytes` counts them."""
+    n = n_in * n_out
+    if bits == 4:
+        blocks = math.ceil(n / blocksize)
+        if double_quant:  # absmax → uint8 per block, plus fp32 absmax per 256 blocks and a 256-entry fp32 code
+            return (n + 1) // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 * 256
+        return (n + 1) // 2 + 4 * blocks
+    if bits == 8:
+        return n + 4 * n_out  # int8 values + one fp32 scale per output row
+    return n * compute_bytes
+
+
+_LAYOUTS: dict[tuple[Any, ...], tuple[list[int], list[dict[str, int] | None]]] = {}
+
+
+def _layout(s: Setup) -> tuple[list[int], list[dict[str, int] | None]]:
+    """(element counts of the trainable tensors, per block: targeted linear → rank, or None if not LoRA-like).
+
+    bnb decides 8-bit vs 32-bit optimizer state per tensor, hence the sizes. Cached per (arch, blocks): the
+    solver re-estimates the same model many times, and target matching is the slow part on 80-layer models."""
+    key = (s.arch, tuple(b.model_dump_json() for b in s.blocks))
+    if key not in _LAYOUTS:
+        sizes: list[int] = []
+        targets: list[dict[str, int] | None] = []
+        for b in s.blocks:
+            if lora_like(b):
+                chosen = {name: _rank(b, name) for name in s.arch.linears() if _targeted(b, name)}
+                for name, (i, o) in s.arch.linears().items():
+                    if name in chosen:
+                        sizes += [chosen[name] * i, chosen[name] * o] + ([o] if getattr(b, "dora", False) else [])
+                targets.append(chosen)
+            else:
+                sizes += [n] if (n := b.trainable_parameters(s.arch)) > 0 else []
+                targets.append(None)
+        if len(_LAYOUTS) > 256:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = (sizes, targets)
+    return _LAYOUTS[key]
+
+
+def _optimizer_state(s: Setup, sizes: list[int]) -> tuple[int, int]:
+    """(bytes of optimizer state, bytes of it bnb pages: unified memory the driver may move to host RAM)."""
+    eight = s.optimizer in ("adamw_8bit", "paged_adamw_8bit")
+    total = paged = 0
+    for n in sizes:
+        b = 2 * n + 8 * math.ceil(n / 256) if eight and n >= BNB_MIN_8BIT else 8 * n  # exp_avg + exp_avg_sq
+        total += b
+        if s.optimizer.startswith("paged") and s.device == "cuda" and n >= BNB_PAGED_MIN:
+            paged += b
+    return total + (2 * 256 * 4 if eight else 0), paged  # + bnb's two 256-entry quantization maps
+
+
+def _layer_saved_per_token(s: Setup, layer: int) -> float:
+    """Bytes per token decoder layer `layer` keeps for backward (no checkpointing)."""
+    a, e = s.arch, s.compute_bytes
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    padded = s.micro_batch > 1  # a padding mask makes transformers repeat k/v to all heads
+    kv_saved = q if a.kv_heads < a.heads and (padded or s.attention == "eager") else kv
+    total = 2 * a.hidden * 4  # both RMSNorms keep their input upcast to fp32
+    total += (q + 2 * kv_saved) * e  # rotated q, k and v as attention saves them
+    if s.attention == "sdpa":
+        total += q * e + a.heads * 4  # its own output and the fp32 log-sum-exp per head
+    else:  # eager: softmax output (fp32) and the copy in the compute dtype that multiplies v
+        total += a.heads * s.tokens * (4 + (e if e != 4 else 0))
+    total += 3 * a.intermediate * e  # gate, silu(gate), up
+    size = {"attn_in": a.hidden, "o_in": q, "mlp_in": a.hidden, "down_in": a.intermediate}
+    sizes, targets = _layout(s)
+    for group, names in GROUPS.items():
+        shared = copies = 0  # the input itself kept once; fp32 copies kept per LoRA wrapper
+        for b, chosen in zip(s.blocks, targets):
+            if chosen is None:  # a method we cannot see into: assume it keeps each input once
+                shared = 1
+                continue
+            ranks = [chosen[full] for n in names if (full := f"model.layers.{layer}.{n}") in chosen]
+            hit = len(ranks)
+            total += sum(ranks) * e  # A's output, saved by B
+            dropout = getattr(b, "dropout", 0) > 0
+            total += hit * size[group] * dropout  # dropout's bool mask
+            # A saves its own input: shared by all wrappers for an fp32 input without dropout; otherwise a new
+            # tensor per wrapper (the dropped-out input, or autocast's 16-bit copy of the fp32 upcast)
+            if e == 4 and not dropout:
+                shared = max(shared, min(hit, 1))
+            else:
+                copies += hit
+        if s.bits == 8:  # bnb's 8-bit matmul keeps its input for backward (as ctx.A / ctx.tensors)
+            shared = 1
+        total += size[group] * e * (shared + copies)
+    return total
+
+
+def _layer_transient_per_token(s: Setup) -> float:
+    """Bytes per token alive beside the saved activations while one layer runs backward. The MLP's and
+    attention's gradients reuse what the layer's freed activations held; what stays is about four hidden-sized
+    fp32 gradients of the residual stream and the norms (measured: 3.3-4.3 hidden x 4 bytes per token)."""
+    return 4 * s.arch.hidden * 4
+
+
+def estimate(s: Setup) -> Estimate:
+    a, e = s.arch, s.compute_bytes
+    dense = set().union(*(b.full_precision_linears(a) for b in s.blocks))
+    quant = full = 0
+    big = 0  # the largest dense weight a quantized linear materialises
+    for name, (i, o) in a.linears().items():
+        if name in dense:  # trained fully: fp32 masters, counted with the trainable parameters
+            continue
+        if s.bits is None or any(name == k or name.endswith("." + k) for k in s.skip_modules):
+            full += i * o * e
+        else:
+            quant += quantized_linear_bytes(i, o, s.bits, e, s.double_quant, s.blocksize)
+            big = max(big, i * o)
+    embed = a.vocab * a.hidden * e
+    other = full + embed * (1 if a.tie_embeddings else 2) + (2 * a.layers + 1) * a.hidden * e
+    if a.attention_bias:
+        other += a.layers * (a.heads + 2 * a.kv_heads) * a.head_dim * e
+    sizes = _layout(s)[0]
+    trainable = 4 * sum(sizes)
+    states, paged = _optimizer_state(s, sizes)
+    # torch's foreach AdamW (default on CUDA) holds one temporary per parameter; bnb and CPU AdamW ~none
+    opt_scratch = trainable if s.device == "cuda" and s.optimizer == "adamw" else 4 * max(sizes, default=0)
+
+    n_tok = s.micro_batch * s.tokens
+    targets = s.micro_batch * (s.seq_len - 1)  # worst case: every position is a target
+    chunk = min(s.loss_chunk, targets)
+    mask = s.micro_batch * s.tokens ** 2 * (e if s.attention == "eager" else 1) if s.micro_batch > 1 or \
+        s.attention == "eager" else 0
+    shared = 2 * s.micro_batch * s.tokens * a.head_dim * e + mask  # rotary cos/sin, attention mask
+    shared += n_tok * a.hidden * 4 + targets * a.hidden * e  # final norm's fp32 input; the gathered targets
+    per_layer = [_layer_saved_per_token(s, i) * n_tok for i in range(a.layers)]
+    # Checkpointing keeps each layer's input, and what bnb's 8-bit matmul holds as a plain ctx attribute, which
+    # the checkpoint's saved-tensor hooks never see: the inputs of the four linear groups (measured: -15% without)
+    kept_8bit = (2 * a.hidden + a.heads * a.head_dim + a.intermediate) * e if s.bits == 8 else 0
+    layer, layer_ckpt = max(per_layer), n_tok * (a.hidden * e + kept_8bit)
+    saved = shared + (a.layers * layer_ckpt if s.checkpointing else sum(per_layer))
+    recompute = layer if s.checkpointing else 0  # the one layer re-run during its backward
+    layer_ws = recompute + _layer_transient_per_token(s) * n_tok
+    scratch = big * (s.checkpoint_bytes + (e if e != s.checkpoint_bytes else 0)) if s.bits else 0
+    # one loss chunk in backward, recomputed: the fp32 log-softmax, its gradient and the logits' gradient (the
+    # 16-bit logits die once upcast; measured 11.2-11.5 bytes per logit in fp32 and under bf16 autocast)
+    loss_ws = chunk * a.vocab * 12 + n_tok * a.hidden * e
+    overhead = CUDA_CONTEXT if s.device == "cuda" else CPU_RUNTIME
+
+    comp = {"quantized_weights": quant, "other_weights": other, "trainable_params": trainable,
+            "gradients": trainable, "optimizer_states": states, "activations": 0, "layer_backward": 0,
+            "logits_and_loss": 0, "dequant_scratch": 0, "optimizer_step": 0, "runtime_overhead": overhead}
+    backward = saved + max(loss_ws, layer_ws + scratch)
+    if backward >= opt_scratch:
+        comp["activations"] = saved
+        if loss_ws >= layer_ws + scratch:
+            comp["logits_and_loss"] = loss_ws
+        else:
+            comp["layer_backward"], comp["dequant_scratch"] = layer_ws, scratch
+    else:
+        comp["optimizer_step"] = opt_scratch
+    details = {
+        "activations_per_layer": int(layer), "activations_per_layer_checkpointed": int(layer_ckpt),
+        "activations_no_checkpointing": int(shared + sum(per_layer)),
+        "activations_checkpointing": int(shared + a.layers * layer_ckpt + layer),
+        "logits_and_loss": int(loss_ws), "layer_backward": int(layer_ws), "dequant_scratch": int(scratch),
+        "optimizer_step": int(opt_scratch), "attention_mask": int(mask), "pageable_optimizer_states": paged,
+        "trainable_parameter_count": sum(sizes), "tensor_bytes": 0,
+    }
+    comp = {k: int(v) for k, v in comp.items()}
+    details["tensor_bytes"] = sum(comp.values()) - overhead
+    return Estimate(comp, details, sum(comp.values()))
+
+
+# ------------------------------------------------------------------------------------------------ from a config
+
+
+def read_model_config(cfg: RunConfig, model_config: str | Path | None = None) -> dict[str, Any]:
+    """The model's config.json as a dict: `--model-config FILE`, else found from `model.path` (never weights)."""
+    file = Path(model_config) if model_config else model_config_file(cfg.model.path, cfg.model.revision)
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise QTrainError(f"--model-config: cannot read {file} ({e}); give a model's config.json") from None
+
+
+def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "cuda",
+                      micro_batch: int | None = None) -> Setup:
+    """The planner's view of a run. `device` decides `compute_dtype: auto` (bf16/fp16 on GPU, fp32 on CPU)."""
+    q, t = cfg.quantization, cfg.training
+    compute = q.compute_dtype if q.compute_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    inner = model_cfg.get("text_config", model_cfg)
+    stored = str(inner.get("torch_dtype") or inner.get("dtype") or model_cfg.get("torch_dtype") or "float32")
+    mb = micro_batch or (t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1)
+    return Setup(
+        arch=Arch.from_config(model_cfg), blocks=tuple(cfg.peft), bits=None if q.bits == "none" else int(q.bits),
+        double_quant=q.double_quant, blocksize=q.blocksize, skip_modules=tuple(q.skip_modules),
+        compute_bytes=DTYPE_BYTES[compute], checkpoint_bytes=DTYPE_BYTES.get(stored, 4), micro_batch=mb,
+        seq_len=cfg.data.max_seq_len, checkpointing=t.gradient_checkpointing, optimizer=t.optimizer,
+        attention=cfg.model.attn_implementation, loss_chunk=t.loss_chunk_size, device=device,
+    )

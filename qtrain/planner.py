@@ -1,0 +1,281 @@
+"""`qtrain plan`: will this config fit, and if not, what should change? Built on `qtrain.memory`'s prediction.
+
+The solver only ever re-runs the prediction on modified setups (it is monotone in micro-batch and sequence
+length, so a doubling-then-bisection search finds the largest that fits), and suggestions are single changes
+a user can make with `--set`, ranked so that the least disruptive change that fits comes first. `qtrain run`
+calls `check_before_loading` to resolve `micro_batch_size: auto` and to warn when the budget is exceeded.
+Nothing here imports torch (except `device_memory`, which only a run calls).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from qtrain.config import RunConfig
+from qtrain.errors import QTrainError
+from qtrain.gpus import GPU, fmt_bytes, gpu_profile, parse_bytes
+from qtrain.memory import (CUDA_CONTEXT, Estimate, Setup, estimate, lora_like, read_model_config,
+                           setup_from_config)
+
+
+# ------------------------------------------------------------------------------------------------ what fits
+
+
+@dataclass
+class Suggestion:
+    change: str
+    overrides: list[str]  # the `--set` values that make the change
+    peak: int
+    fits: bool
+
+
+def _largest(fits_at, limit: int) -> int:
+    """The largest n in [1, limit] with fits_at(n), for a predicate true up to some n and false after; 0 if none."""
+    if not fits_at(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits_at(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:  # fits_at(lo) and not fits_at(hi) (or hi past the limit)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits_at(mid) else (lo, mid)
+    return lo
+
+
+def largest_micro_batch(s: Setup, budget: int, limit: int = 4096) -> int:
+    return _largest(lambda m: estimate(replace(s, micro_batch=m)).peak <= budget, limit)
+
+
+def longest_sequence(s: Setup, budget: int, limit: int = 131072) -> int:
+    return _largest(lambda t: estimate(replace(s, seq_len=t)).peak <= budget, limit)
+
+
+def _with_blocks(s: Setup, **update: Any) -> Setup:
+    return replace(s, blocks=tuple(b.model_copy(update=update) if lora_like(b) else b for b in s.blocks))
+
+
+def suggestions(s: Setup, budget: int, accumulation: int = 1) -> list[Suggestion]:
+    """Single changes that lower the peak, each with its new prediction: those that fit first, least
+    disruptive first (the order below), then the rest by peak."""
+    lora = [i for i, b in enumerate(s.blocks) if lora_like(b)]
+    options: list[tuple[str, list[str], Setup]] = []
+    if not s.checkpointing:
+        options.append(("enable gradient checkpointing (recompute each layer in backward, ~30% slower)",
+                        ["training.gradient_checkpointing=true"], replace(s, checkpointing=True)))
+    if s.optimizer in ("adamw", "paged_adamw_32bit"):
+        options.append(("8-bit AdamW states (bnb; 2 bytes per parameter instead of 8)",
+                        ["training.optimizer=adamw_8bit"], replace(s, optimizer="adamw_8bit")))
+    if s.optimizer in ("adamw", "adamw_8bit") and s.device == "cuda":
+        options.append(("paged 8-bit AdamW (states can move to host RAM under pressure)",
+                        ["training.optimizer=paged_adamw_8bit"], replace(s, optimizer="paged_adamw_8bit")))
+    over = estimate(s).peak > budget
+    effective = s.micro_batch * accumulation
+    m = max((d for d in range(1, s.micro_batch) if effective % d == 0
+             and estimate(replace(s, micro_batch=d)).peak <= budget), default=0) if over else 0
+    if m:
+        options.append((f"micro-batch {m} with gradient accumulation {effective // m} (keeps the effective "
+                        f"batch of {effective})", [f"training.micro_batch_size={m}",
+                        f"training.gradient_accumulation_steps={effective // m}"], replace(s, micro_batch=m)))
+    if s.bits != 4:
+        options.append(("store the base in 4-bit NF4", ["quantization.bits=4"], replace(s, bits=4)))
+    ranks = {s.blocks[i].r for i in lora}
+    if lora and max(ranks) > 1:
+        r = max(1, max(ranks) // 2)
+        options.append((f"LoRA rank {r}", [f"peft.{i}.r={r}" for i in lora], _with_blocks(s, r=r)))
+    if lora and any(s.blocks[i].target_modules != ["q_proj", "v_proj"] for i in lora):
+        options.append(("LoRA on q_proj and v_proj only", [f"peft.{i}.target_modules=[q_proj,v_proj]" for i in lora],
+                        _with_blocks(s, target_modules=["q_proj", "v_proj"])))
+    t = longest_sequence(s, budget, limit=s.seq_len - 1) if over and s.seq_len > 1 else 0
+    if t:
+        options.append((f"data.max_seq_len {t} (longer examples are truncated)", [f"data.max_seq_len={t}"],
+                        replace(s, seq_len=t)))
+    out = []
+    for rank, (change, overrides, new) in enumerate(options):
+        peak = estimate(new).peak
+        out.append((peak > budget, rank if peak <= budget else peak, Suggestion(change, overrides, peak,
+                                                                                  peak <= budget)))
+    return [sug for *_, sug in sorted(out, key=lambda x: (x[0], x[1]))]
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+@dataclass
+class Plan:
+    setup: Setup
+    estimate: Estimate
+    budget: int | None
+    budget_source: str
+    accumulation: int
+    max_micro_batch: int | None = None
+    max_seq_len: int | None = None
+    suggestions: list[Suggestion] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        if self.budget is None:
+            return "no budget: pass --gpu NAME or --budget SIZE, or set training.memory_budget"
+        peak, paged = self.estimate.peak, self.estimate.details["pageable_optimizer_states"]
+        if peak <= self.budget:
+            return "fits"
+        if peak - paged <= self.budget:
+            return "fits only by paging optimizer states to host RAM (slower steps)"
+        return "does not fit"
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.setup
+        return {
+            "peak_bytes": self.estimate.peak, "components": self.estimate.components,
+            "details": self.estimate.details, "budget_bytes": self.budget, "budget_source": self.budget_source,
+            "headroom_bytes": None if self.budget is None else self.budget - self.estimate.peak,
+            "verdict": self.verdict, "fits": self.verdict == "fits",
+            "setup": {"micro_batch": s.micro_batch, "seq_len": s.seq_len, "extra_tokens": s.tokens - s.seq_len,
+                      "gradient_accumulation_steps": self.accumulation, "bits": s.bits, "device": s.device,
+                      "compute_bytes": s.compute_bytes, "checkpointing": s.checkpointing, "optimizer": s.optimizer,
+                      "attention": s.attention, "arch": asdict(s.arch)},
+            "max_micro_batch": self.max_micro_batch, "max_seq_len": self.max_seq_len,
+            "suggestions": [asdict(x) for x in self.suggestions],
+        }
+
+
+def resolve_budget(cfg: RunConfig, gpu: str | None = None, budget: str | None = None) -> tuple[int | None, str]:
+    if gpu and budget:
+        raise QTrainError("qtrain plan: give either --gpu or --budget, not both")
+    if gpu:
+        profile: GPU = gpu_profile(gpu)
+        return profile.usable, f"--gpu {profile.name}"
+    if budget:
+        return parse_bytes(budget, "--budget"), "--budget"
+    if cfg.training.memory_budget is not None:
+        return parse_bytes(cfg.training.memory_budget, "training.memory_budget"), "training.memory_budget"
+    return None, "none"
+
+
+def make_plan(cfg: RunConfig, model_cfg: dict[str, Any], budget: int | None, source: str = "",
+              device: str = "cuda") -> Plan:
+    """Predict the peak for `cfg`; with a budget also solve what fits. `micro_batch_size: auto` becomes the
+    largest micro-batch that fits (1 without a budget), accumulation adjusted as `qtrain run` would."""
+    s = setup_from_config(cfg, model_cfg, device)
+    accumulation = cfg.training.gradient_accumulation_steps
+    if cfg.training.micro_batch_size == "auto" and budget is not None:
+        micro, accumulation = auto_micro_batch(cfg, s, budget)
+        s = replace(s, micro_batch=micro)
+    plan = Plan(s, estimate(s), budget, source, accumulation)
+    if budget is not None:
+        plan.max_micro_batch = largest_micro_batch(s, budget)
+        plan.max_seq_len = longest_sequence(s, budget)
+        plan.suggestions = suggestions(s, budget, accumulation)
+    return plan
+
+
+def auto_micro_batch(cfg: RunConfig, s: Setup, budget: int) -> tuple[int, int]:
+    """(micro-batch, accumulation) for `micro_batch_size: auto`: the largest micro-batch that fits; with
+    `training.effective_batch_size`, the largest of its divisors that fits, so the effective batch is kept."""
+    t = cfg.training
+    if t.effective_batch_size is None:
+        return max(1, largest_micro_batch(s, budget)), t.gradient_accumulation_steps
+    e = t.effective_batch_size
+    fitting = [m for m in range(1, e + 1) if e % m == 0 and estimate(replace(s, micro_batch=m)).peak <= budget]
+    m = max(fitting, default=1)
+    return m, e // m
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+_ROWS = {
+    "quantized_weights": "frozen linears, {bits} (packed values, absmax, double-quant constants)",
+    "other_weights": "embeddings, head, norms, unquantized linears ({dtype})",
+    "trainable_params": "trainable parameters, fp32 ({count:,})",
+    "gradients": "their gradients, fp32",
+    "optimizer_states": "optimizer states ({optimizer})",
+    "activations": "activations saved for backward ({ckpt})",
+    "layer_backward": "one layer's backward (recomputed activations, gradients)",
+    "logits_and_loss": "logits and loss of one {chunk}-token chunk (fp32 softmax and gradient)",
+    "dequant_scratch": "dequantization scratch (one dense weight)",
+    "optimizer_step": "optimizer step temporaries",
+    "runtime_overhead": "{runtime}",
+}
+
+
+def render(plan: Plan) -> str:
+    s, est = plan.setup, plan.estimate
+    d = est.details
+    fill = {"bits": f"{s.bits}-bit" if s.bits else "not quantized", "dtype": f"{s.compute_bytes * 8}-bit floats",
+            "count": d["trainable_parameter_count"], "optimizer": s.optimizer,
+            "ckpt": "checkpointing: layer inputs" if s.checkpointing else "no checkpointing",
+            "chunk": min(s.loss_chunk, s.micro_batch * (s.seq_len - 1)),
+            "runtime": "CUDA context and cuBLAS workspace" if s.device == "cuda" else "Python + torch runtime"}
+    lines = [f"qtrain plan: micro-batch {s.micro_batch} × {s.tokens} tokens × {plan.accumulation} accumulation, "
+             f"{s.arch.layers} layers, hidden {s.arch.hidden}, vocab {s.arch.vocab}, {s.attention} attention, "
+             f"on {s.device}", "", f"  {'component':<78} {'bytes':>11}"]
+    for key, value in est.components.items():
+        if value or key in ("activations", "quantized_weights"):
+            lines.append(f"  {_ROWS[key].format(**fill):<78} {fmt_bytes(value):>11}")
+    lines += [f"  {'total peak':<78} {fmt_bytes(est.peak):>11}", ""]
+    lines.append(f"  activations: {fmt_bytes(d['activations_per_layer'])} per layer without checkpointing "
+                 f"({fmt_bytes(d['activations_no_checkpointing'])} in all), "
+                 f"{fmt_bytes(d['activations_per_layer_checkpointed'])} per layer with it "
+                 f"({fmt_bytes(d['activations_checkpointing'])} in all, one layer recomputed)")
+    if s.attention == "eager":
+        lines.append("  eager attention keeps the (heads × tokens × tokens) softmax per layer; sdpa does not")
+    if d["pageable_optimizer_states"]:
+        lines.append(f"  paged optimizer: {fmt_bytes(d['pageable_optimizer_states'])} of optimizer states live in "
+                     "unified memory; under pressure the driver moves them to host RAM and back each step")
+    if plan.budget is None:
+        lines.append(f"\n  verdict: {plan.verdict}")
+        return "\n".join(lines)
+    head = plan.budget - est.peak
+    lines += ["", f"  budget ({plan.budget_source}) {fmt_bytes(plan.budget)}, headroom {fmt_bytes(head)} "
+              f"({head / plan.budget:+.0%})", f"  verdict: {plan.verdict}", "",
+              f"  what fits: micro-batch up to {plan.max_micro_batch} at {s.seq_len} tokens; sequences up to "
+              f"{plan.max_seq_len} tokens at micro-batch {s.micro_batch}"]
+    if plan.suggestions:
+        lines.append("  changes, ranked (new predicted peak):")
+        for sug in plan.suggestions:
+            mark = "fits" if sug.fits else "over"
+            lines.append(f"    {fmt_bytes(sug.peak):>11}  {mark}  {sug.change}   [--set {' --set '.join(sug.overrides)}]")
+    return "\n".join(lines)
+
+
+def report(cfg: RunConfig, gpu: str | None = None, budget: str | None = None, model_config: str | None = None,
+           as_json: bool = False, device: str = "cuda") -> str:
+    """What `qtrain plan` prints: the breakdown table and what fits, or the same as JSON."""
+    size, source = resolve_budget(cfg, gpu, budget)
+    plan = make_plan(cfg, read_model_config(cfg, model_config), size, source, device)
+    return json.dumps(plan.to_dict(), indent=2) if as_json else render(plan)
+
+
+def device_memory(device_type: str) -> int:
+    """Memory a run on this device can use when no budget is configured: the GPU's total, or available RAM."""
+    if device_type == "cuda":
+        import torch  # only `qtrain run` calls this, with torch already loaded
+
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory - CUDA_CONTEXT
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type: str, say=print) -> RunConfig:
+    """What `qtrain run` asks before loading the model: resolve `micro_batch_size: auto` (returns a copy of
+    `cfg` with the micro-batch and accumulation set) and warn when the prediction exceeds the budget."""
+    device = "cuda" if device_type == "cuda" else "cpu"
+    t = cfg.training
+    budget = None if t.memory_budget is None else parse_bytes(t.memory_budget, "training.memory_budget")
+    if t.micro_batch_size == "auto":
+        limit = budget if budget is not None else device_memory(device)
+        micro, accumulation = auto_micro_batch(cfg, setup_from_config(cfg, model_cfg, device), limit)
+        cfg = cfg.model_copy(update={"training": t.model_copy(update={
+            "micro_batch_size": micro, "gradient_accumulation_steps": accumulation})})
+        say(f"qtrain: micro_batch_size auto → {micro} (gradient accumulation {accumulation}, "
+            f"{'training.memory_budget' if budget is not None else 'device memory'} {fmt_bytes(limit)})")
+    peak = estimate(setup_from_config(cfg, model_cfg, device)).peak
+    if budget is not None and peak > budget:
+        print(f"qtrain: warning: the planner predicts a peak of {fmt_bytes(peak)}, over training.memory_budget "
+              f"{fmt_bytes(budget)}; `qtrain plan CONFIG --budget {t.memory_budget}` lists changes that fit",
+              file=sys.stderr)
+    return cfg

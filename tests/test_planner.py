@@ -1,0 +1,230 @@
+"""The memory planner: its formulas against real tensors of tiny models, its monotonicity, the what-fits solver,
+the `qtrain plan` command, and `micro_batch_size: auto` in `qtrain run`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from qtrain.cli import main
+from qtrain.config import load_config
+from qtrain.gpus import GPUS, parse_bytes
+from qtrain.memory import estimate, quantized_linear_bytes, setup_from_config
+from qtrain.planner import auto_micro_batch, check_before_loading, largest_micro_batch, longest_sequence, suggestions
+from tests.conftest import write_config
+
+
+def _cfg(tmp_path, model_dir, dates_file, **sections):
+    return load_config(write_config(tmp_path, model_dir, dates_file, **sections))
+
+
+def _model_cfg(model_dir):
+    return json.loads((model_dir / "config.json").read_text())
+
+
+@pytest.mark.parametrize("bits,double_quant,blocksize", [(4, True, 64), (4, False, 64), (4, True, 128), (8, True, 64)])
+@pytest.mark.parametrize("shape", [(64, 128), (576, 1536), (33, 17), (520, 1100)])
+def test_one_linear_matches_weight_nbytes(bits, double_quant, blocksize, shape):
+    from qtrain.quantization import QuantSpec, quantize_linear, weight_nbytes
+
+    n_in, n_out = shape
+    layer = quantize_linear(nn.Linear(n_in, n_out, bias=False), QuantSpec(bits, "nf4", double_quant, blocksize))
+    assert quantized_linear_bytes(n_in, n_out, bits, 4, double_quant, blocksize) == weight_nbytes(layer)
+
+
+@pytest.mark.parametrize("bits", [4, 8, "none"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_weights_equal_the_loaded_models_footprint(tmp_path, tiny_model_dir, tiny_untied_dir, dates_file, bits, tied):
+    from qtrain.modeling import footprint, load_model
+
+    model_dir = tiny_model_dir if tied else tiny_untied_dir
+    cfg = _cfg(tmp_path, model_dir, dates_file, quantization={"bits": bits})
+    model = load_model(cfg.model, cfg.quantization, torch.device("cpu"), path=model_dir).model
+    fp = footprint(model)
+    comp = estimate(setup_from_config(cfg, _model_cfg(model_dir), device="cpu")).components
+    assert comp["quantized_weights"] == fp["quantized_linear_bytes"]
+    assert comp["other_weights"] == fp["other_param_bytes"]
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], ".*mlp.*"])
+def test_trainable_count_equals_attached_lora(tmp_path, tiny_model_dir, dates_file, targets):
+    from qtrain.methods import build_methods
+    from qtrain.modeling import load_model
+
+    peft = [{"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": targets}]
+    cfg = _cfg(tmp_path, tiny_model_dir, dates_file, peft=peft)
+    model = load_model(cfg.model, cfg.quantization, torch.device("cpu"), path=tiny_model_dir).model
+    params = build_methods(cfg.peft)[0].attach(model)
+    est = estimate(setup_from_config(cfg, _model_cfg(tiny_model_dir), device="cpu"))
+    n = sum(p.numel() for p in params.values())
+    assert est.details["trainable_parameter_count"] == n
+    assert est.components["trainable_params"] == est.components["gradients"] == 4 * n
+
+
+def test_saved_activations_match_autograd(tmp_path, tiny_model_dir, dates_file):
+    """The bytes autograd saves in a real forward (parameters excluded, each storage once) vs the prediction."""
+    from qtrain.methods import build_methods
+    from qtrain.modeling import load_model
+    from qtrain.train import batch_loss_sum
+
+    cfg = _cfg(tmp_path, tiny_model_dir, dates_file, data={"max_seq_len": 96},
+               training={"micro_batch_size": 3, "gradient_checkpointing": False})
+    model = load_model(cfg.model, cfg.quantization, torch.device("cpu"), path=tiny_model_dir).model
+    build_methods(cfg.peft)[0].attach(model)
+    model.train()
+    existing = {id(t.untyped_storage()) for t in list(model.parameters()) + list(model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if id(s) not in existing:
+            saved[id(s)] = s.nbytes()
+        return t
+
+    ids = torch.randint(0, model.config.vocab_size, (3, 96), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[-1, -8:] = 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        batch_loss_sum(model, {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)},
+                       cfg.training.loss_chunk_size)
+    predicted = estimate(setup_from_config(cfg, _model_cfg(tiny_model_dir), device="cpu")).components["activations"]
+    assert abs(predicted - sum(saved.values())) / sum(saved.values()) < 0.10
+
+
+def test_monotone_and_the_right_knobs_lower_memory(tmp_path, tiny_model_dir, dates_file):
+    s = setup_from_config(_cfg(tmp_path, tiny_model_dir, dates_file), _model_cfg(tiny_model_dir))
+    peaks = [estimate(replace(s, micro_batch=m)).peak for m in (1, 2, 4, 8)]
+    assert peaks == sorted(peaks) and len(set(peaks)) == 4
+    lengths = [estimate(replace(s, seq_len=t)).peak for t in (32, 64, 128, 256)]
+    assert lengths == sorted(lengths) and len(set(lengths)) == 4
+    big = replace(s, micro_batch=8, seq_len=256)
+    off, on = estimate(replace(big, checkpointing=False)), estimate(replace(big, checkpointing=True))
+    assert on.components["activations"] < off.components["activations"]
+    assert on.details["activations_checkpointing"] < on.details["activations_no_checkpointing"]
+    eager = estimate(replace(big, attention="eager")).details["activations_per_layer"]
+    assert eager > off.details["activations_per_layer"]  # the tokens² softmax
+
+
+def test_bnb_keeps_small_tensors_in_32bit(tmp_path, tiny_model_dir, dates_file):
+    """hidden 64, r=4: every LoRA tensor has < 4096 elements, so bnb's 8-bit AdamW keeps 32-bit states."""
+    cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={"optimizer": "adamw_8bit"})
+    est = estimate(setup_from_config(cfg, _model_cfg(tiny_model_dir)))
+    n = est.details["trainable_parameter_count"]
+    assert est.components["optimizer_states"] == 8 * n + 2 * 256 * 4
+    big = setup_from_config(cfg, {**_model_cfg(tiny_model_dir), "hidden_size": 2048, "intermediate_size": 4096})
+    b = estimate(big)
+    assert b.components["optimizer_states"] < 3 * b.details["trainable_parameter_count"]
+
+
+def test_solver_is_consistent(tmp_path, tiny_model_dir, dates_file):
+    s = setup_from_config(_cfg(tmp_path, tiny_model_dir, dates_file), _model_cfg(tiny_model_dir), device="cpu")
+    budget = estimate(replace(s, micro_batch=37)).peak + 1000
+    m = largest_micro_batch(s, budget)
+    assert estimate(replace(s, micro_batch=m)).peak <= budget < estimate(replace(s, micro_batch=m + 1)).peak
+    t = longest_sequence(s, budget)
+    assert estimate(replace(s, seq_len=t)).peak <= budget < estimate(replace(s, seq_len=t + 1)).peak
+    assert largest_micro_batch(s, estimate(replace(s, micro_batch=1)).peak - 1) == 0
+    over = replace(s, micro_batch=64)
+    sugs = suggestions(over, budget, accumulation=2)
+    fitting = [x for x in sugs if x.fits]
+    assert fitting and all(x.peak <= budget for x in fitting) and all(not x.fits for x in sugs[len(fitting):])
+    micro = next(x for x in sugs if x.change.startswith("micro-batch"))
+    m_new = int(micro.overrides[0].split("=")[1])
+    acc = int(micro.overrides[1].split("=")[1])
+    assert m_new * acc == 128 and estimate(replace(s, micro_batch=m_new)).peak == micro.peak <= budget
+
+
+def test_cli_json_schema(tmp_path, tiny_model_dir, dates_file, capsys):
+    path = write_config(tmp_path, tiny_model_dir, dates_file)
+    assert main(["plan", str(path), "--budget", "2GB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out["peak_bytes"], int) and out["peak_bytes"] == sum(out["components"].values())
+    assert all(isinstance(k, str) and isinstance(v, int) for k, v in out["components"].items())
+    assert out["budget_bytes"] == 2 * 10**9 and out["headroom_bytes"] == out["budget_bytes"] - out["peak_bytes"]
+    assert out["verdict"] == "fits" and out["max_micro_batch"] >= 2
+
+
+def test_cli_bad_gpu_lists_known_names(tmp_path, tiny_model_dir, dates_file, capsys):
+    path = write_config(tmp_path, tiny_model_dir, dates_file)
+    assert main(["plan", str(path), "--gpu", "rtx9999"]) == 2
+    err = capsys.readouterr().err
+    assert "rtx9999" in err and all(name in err for name in GPUS)
+
+
+def test_cli_table_and_model_config_file(tmp_path, tiny_model_dir, dates_file, capsys):
+    path = write_config(tmp_path, tiny_model_dir, dates_file, model={"path": "owner/not-downloaded"})
+    assert main(["plan", str(path), "--gpu", "t4"]) == 2
+    assert "--model-config" in capsys.readouterr().err
+    assert main(["plan", str(path), "--gpu", "t4", "--model-config", str(tiny_model_dir / "config.json")]) == 0
+    out = capsys.readouterr().out
+    assert "total peak" in out and "verdict: fits" in out and "budget (--gpu t4) 15.00 GiB" in out
+
+
+def test_plan_does_not_import_torch(tmp_path, tiny_model_dir, dates_file):
+    path = write_config(tmp_path, tiny_model_dir, dates_file)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "qtrain", "plan", str(path), "--budget", "8GB"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "qtrain.planner" in imported and not {"torch", "bitsandbytes", "transformers"} & imported
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GB") == 24 * 10**9 and parse_bytes("11.5GiB") == int(11.5 * 2**30)
+    assert parse_bytes(1234) == 1234 and parse_bytes("800 mib") == 800 * 2**20
+
+
+def test_auto_micro_batch_keeps_the_effective_batch(tmp_path, tiny_model_dir, dates_file, capsys):
+    model_cfg = _model_cfg(tiny_model_dir)
+    base = _cfg(tmp_path, tiny_model_dir, dates_file)
+    s = setup_from_config(base, model_cfg, device="cpu")
+    budget = estimate(replace(s, micro_batch=5)).peak  # 5 fits, 6 does not: the largest divisor of 12 is 4
+    cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={
+        "micro_batch_size": "auto", "effective_batch_size": 12, "memory_budget": budget, "max_steps": 1,
+        "optimizer": "adamw", "learning_rate": 1e-3})
+    assert auto_micro_batch(cfg, s, budget) == (4, 3)
+    resolved = check_before_loading(cfg, model_cfg, "cpu", say=print)
+    assert (resolved.training.micro_batch_size, resolved.training.gradient_accumulation_steps) == (4, 3)
+    assert cfg.training.micro_batch_size == "auto"  # the caller's config is not mutated
+    capsys.readouterr()
+    tight = _cfg(tmp_path, tiny_model_dir, dates_file, training={"memory_budget": "1MB"})
+    check_before_loading(tight, model_cfg, "cpu", say=print)
+    assert "over training.memory_budget" in capsys.readouterr().err
+
+
+def test_run_with_auto_micro_batch(tmp_path, tiny_model_dir, dates_file, capsys):
+    from qtrain.run import run
+
+    cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={
+        "micro_batch_size": "auto", "effective_batch_size": 4, "memory_budget": "64GB", "max_steps": 1,
+        "optimizer": "adamw", "learning_rate": 1e-3, "gradient_checkpointing": False, "save_every": None})
+    run(cfg)
+    assert "micro_batch_size auto → 4 (gradient accumulation 1" in capsys.readouterr().out
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["step"] == 1
+
+
+def test_every_method_block_is_accounted_through_its_hooks(tmp_path, tiny_model_dir, dates_file):
+    from qtrain.arch import Arch
+    from qtrain.methods.blocks import METHOD_BLOCKS
+
+    model_cfg, arch = _model_cfg(tiny_model_dir), Arch.from_path(tiny_model_dir)
+    base = estimate(setup_from_config(_cfg(tmp_path, tiny_model_dir, dates_file), model_cfg))
+    options = {"unfreeze": {"last_n": 1}, "prompt_tuning": {"num_virtual_tokens": 16}}
+    for name in METHOD_BLOCKS:
+        cfg = _cfg(tmp_path, tiny_model_dir, dates_file, peft=[{"method": name, **options.get(name, {})}])
+        block = cfg.peft[0]
+        est = estimate(setup_from_config(cfg, model_cfg))
+        assert est.details["trainable_parameter_count"] == block.trainable_parameters(arch), name
+        dense = block.full_precision_linears(arch)
+        expected = base.components["quantized_weights"] - sum(
+            quantized_linear_bytes(*arch.linears()[n], 4, 2) for n in dense)
+        assert est.components["quantized_weights"] == expected, name
+        s = setup_from_config(cfg, model_cfg)
+        assert s.tokens == s.seq_len + (16 if name == "prompt_tuning" else block.extra_tokens()), name
