@@ -1,0 +1,228 @@
+"""`qtrain export`: the merged folder reproduces the trained quantized model (4-bit, 8-bit, unquantized), loads in
+plain transformers without qtrain, is sharded with an index, and failures are loud and marked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import write_config
+from qtrain.adapter_io import save_adapter
+from qtrain.config import load_config
+from qtrain.errors import QTrainError
+from qtrain.export import FAILED_MARK, REPORT, export
+from qtrain.methods import build_methods
+from qtrain.methods.lora import LoRA
+from qtrain.modeling import load_model
+
+CPU = torch.device("cpu")
+IDS = torch.tensor([[1, 17, 40, 99, 250, 3, 7, 120, 64, 2, 300, 11]])
+
+
+def make_run(tmp_path: Path, model_dir: Path, train: Path, bits=4, peft=None, seed=0, name="run") -> Path:
+    """A run folder as `qtrain run` leaves it, with a LoRA whose A and B are both non-zero (as if trained)."""
+    sections = {"quantization": {"bits": bits}, "output": {"dir": str(tmp_path / name)},
+                "data": {"train": str(train), "eval": str(train), "format": "instruction", "max_seq_len": 64}}
+    if peft is not None:
+        sections["peft"] = peft
+    (tmp_path / f"{name}-cfg").mkdir()
+    cfg = load_config(write_config(tmp_path / f"{name}-cfg", model_dir, train, **sections))
+    out = Path(cfg.output.dir)
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    model = load_model(cfg.model, cfg.quantization, CPU).model
+    torch.manual_seed(seed)
+    methods = build_methods(cfg.peft)
+    params = {}
+    for m in methods:
+        params.update(m.attach(model))
+    with torch.no_grad():
+        for p in params.values():
+            p.normal_(std=0.05)
+    save_adapter(out / "adapter", methods, params, base_model=cfg.model.path)
+    return out
+
+
+def trained_logits(run: Path, ids: torch.Tensor = IDS) -> torch.Tensor:
+    """The trained quantized model's logits, 8-bit layers in the mode that multiplies by the dequantized weight."""
+    from qtrain.adapter_io import load_adapter
+    from qtrain.export import _logits
+
+    cfg = load_config(run / "config.yaml")
+    model = load_model(cfg.model, cfg.quantization, CPU).model
+    load_adapter(model, run / "adapter")
+    return _logits(model, ids[0])
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_model_dir, tmp_path_factory):
+    """A 4-bit, an 8-bit and an unquantized run, each exported (float32, small shards so there are several)."""
+    from conftest import DATES
+
+    root = tmp_path_factory.mktemp("export")
+    train = root / "dates.jsonl"
+    train.write_text("".join(json.dumps({"instruction": "Rewrite the date.", "input": t, "output": i}) + "\n"
+                             for t, i in DATES))
+    result = {}
+    for bits in (4, 8, "none"):
+        (root / str(bits)).mkdir()
+        run = make_run(root / str(bits), tiny_model_dir, train, bits=bits)
+        report = export(run, root / f"out-{bits}", dtype="float32", max_shard_bytes=60_000, say=lambda s: None)
+        result[bits] = (run, root / f"out-{bits}", report)
+    return result
+
+
+@pytest.mark.parametrize("bits", [4, 8, "none"])
+def test_export_reproduces_the_trained_model(exports, bits):
+    run, out, report = exports[bits]
+    assert report["passed"] is True and report["base"] == "dequantized"
+    # float32 weights: only summation order differs between W·x + B·A·x and (W + B·A)·x.
+    assert report["check"]["max_abs_logit_diff"] < 1e-4
+    assert report["check"]["greedy_agreement"] == 1.0 and report["check"]["positions"] > 50
+    assert json.loads((out / REPORT).read_text())["passed"] is True
+    assert not (out / FAILED_MARK).exists()
+
+
+def test_folder_is_a_standard_hf_model(exports, tiny_model_dir):
+    _, out, report = exports[4]
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    assert (out / "generation_config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert "im_start" in (out / "chat_template.jinja").read_text()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert report["shards"] == len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    written = {k for s in shards for k in load_file(str(out / s))}
+    assert written == set(index["weight_map"])
+    base_keys = {k for f in tiny_model_dir.glob("*.safetensors") for k in load_file(str(f))}
+    assert written == base_keys  # tied head stays tied: no lm_head.weight added
+
+
+def test_plain_transformers_loads_it_without_qtrain(exports, tmp_path):
+    """A fresh interpreter that never imports qtrain loads each export; its logits equal the trained model's."""
+    script = (
+        "import sys, torch\n"
+        "from safetensors.torch import save_file\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "ids = torch.tensor(%s)\n"
+        "out = {}\n"
+        "for i, path in enumerate(sys.argv[2:]):\n"
+        "    model = AutoModelForCausalLM.from_pretrained(path).eval()\n"
+        "    with torch.no_grad():\n"
+        "        out[str(i)] = model(ids).logits[0].float().contiguous()\n"
+        "assert not any(m.split('.')[0] == 'qtrain' for m in sys.modules)\n"
+        "save_file(out, sys.argv[1])\n" % IDS.tolist()
+    )
+    order = [4, 8, "none"]
+    result = tmp_path / "logits.safetensors"
+    subprocess.run([sys.executable, "-c", script, str(result), *(str(exports[b][1]) for b in order)], check=True,
+                   cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    theirs = load_file(str(result))
+    for i, bits in enumerate(order):
+        torch.testing.assert_close(theirs[str(i)], trained_logits(exports[bits][0]), rtol=0, atol=1e-4)
+
+
+def test_original_base_reports_the_drift(exports, tmp_path):
+    run, dequantized, _ = exports[4]
+    report = export(run, tmp_path / "orig", dtype="float32", say=lambda s: None, base="original")
+    assert "passed" not in report  # drift is the finding, not a failure
+    assert report["check"]["max_abs_logit_diff"] > 1e-3  # NF4 rounding moved the base the adapter sat on
+    a, b = weights(tmp_path / "orig"), weights(dequantized)
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert (a[key] - b[key]).abs().max() > 1e-3  # original vs NF4-roundtripped base under the same delta
+    assert torch.equal(a["model.norm.weight"], b["model.norm.weight"])  # non-quantized tensors: the same
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in folder.glob("model-*.safetensors") for k, v in load_file(str(f)).items()}
+
+
+def test_failed_check_exits_and_marks_the_folder(exports, tmp_path, monkeypatch):
+    import qtrain.export as ex
+
+    run = exports[4][0]
+    monkeypatch.setitem(ex.TOLERANCES, "float32", ex.Tolerance(max_abs_logit=0.0, mean_kl=0.0, min_agreement=1.0))
+    with pytest.raises(QTrainError, match="does not reproduce"):
+        export(run, tmp_path / "bad", dtype="float32", say=lambda s: None)
+    assert (tmp_path / "bad" / FAILED_MARK).is_file()
+    assert json.loads((tmp_path / "bad" / REPORT).read_text())["passed"] is False
+    assert (tmp_path / "bad" / "config.json").is_file()  # output kept
+
+
+def test_refuses_existing_out_and_replaces_with_overwrite(exports, tmp_path):
+    run = exports["none"][0]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(QTrainError, match="already exists"):
+        export(run, tmp_path / "x", check=False, say=lambda s: None)
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+    export(run, tmp_path / "x", check=False, overwrite=True, say=lambda s: None)
+    assert not (tmp_path / "x" / "keep.txt").exists() and (tmp_path / "x" / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]  # no temporary folder left behind
+
+
+def test_unmergeable_method_stops_with_its_reason(exports, tmp_path, monkeypatch):
+    monkeypatch.setattr(LoRA, "mergeable", False)
+    monkeypatch.setattr(LoRA, "not_mergeable_reason", "it adds computation the weights cannot hold")
+    with pytest.raises(QTrainError, match="cannot be merged.*weights cannot hold.*qtrain generate"):
+        export(exports[4][0], tmp_path / "y", say=lambda s: None)
+    assert not (tmp_path / "y").exists()
+
+
+def test_added_biases_are_declared_and_siblings_zero(exports, tmp_path, monkeypatch):
+    bias = torch.arange(64, dtype=torch.float32) / 10
+    key = "model.layers.1.self_attn.q_proj.bias"
+    monkeypatch.setattr(LoRA, "added_tensors", lambda self: {key: bias})
+    export(exports["none"][0], tmp_path / "b", dtype="float32", check=False, say=lambda s: None)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["attention_bias"] is True and config["mlp_bias"] is False
+    tensors = weights(tmp_path / "b")
+    assert torch.equal(tensors[key], bias)
+    assert torch.equal(tensors["model.layers.0.self_attn.q_proj.bias"], torch.zeros(64))
+    assert torch.equal(tensors["model.layers.1.self_attn.o_proj.bias"], torch.zeros(64))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    assert torch.equal(model.model.layers[1].self_attn.q_proj.bias.detach(), bias)
+    assert torch.equal(model.model.layers[1].self_attn.v_proj.bias.detach(), torch.zeros(32))
+    monkeypatch.setattr(LoRA, "added_tensors", lambda self: {"model.layers.1.self_attn.v_proj.bias": bias})
+    with pytest.raises(QTrainError, match="cannot hold.*v_proj.bias"):  # 64 values for a 32-wide layer
+        export(exports["none"][0], tmp_path / "c", dtype="float32", check=False, say=lambda s: None)
+
+
+ALL_MERGEABLE = [
+    {"method": "unfreeze", "last_n": 1},
+    {"method": "lora", "r": 4, "dora": True, "target_modules": ["q_proj"]},
+    {"method": "ia3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+    {"method": "bitfit", "target_modules": ["o_proj"]},
+    {"method": "sparse", "select": "random", "density": 0.1, "target_modules": ["up_proj"]},
+]
+
+
+def test_every_mergeable_method_merges_at_once(exports, tiny_model_dir, tmp_path):
+    """Unfreeze, DoRA, IA3, BitFit (new biases) and sparse deltas in one run, exported through the same
+    protocol: the folder reproduces the trained 4-bit model, and the new o_proj biases are declared."""
+    train = exports[4][0].parent.parent / "dates.jsonl"
+    run = make_run(tmp_path, tiny_model_dir, train, bits=4, peft=ALL_MERGEABLE)
+    report = export(run, tmp_path / "out", dtype="float32", say=lambda s: None)
+    assert report["passed"] is True and report["check"]["max_abs_logit_diff"] < 1e-4
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["attention_bias"] is True
+    tensors = weights(tmp_path / "out")
+    assert tensors["model.layers.0.self_attn.o_proj.bias"].abs().max() > 0  # BitFit's trained bias
+    assert torch.equal(tensors["model.layers.0.self_attn.v_proj.bias"], torch.zeros(32))  # a zero sibling
+
+
+@pytest.mark.parametrize("block", [{"method": "prompt_tuning"}, {"method": "adapter"}])
+def test_real_unmergeable_methods_are_refused(exports, tiny_model_dir, tmp_path, block):
+    train = exports[4][0].parent.parent / "dates.jsonl"
+    run = make_run(tmp_path, tiny_model_dir, train, bits=4, peft=[block])
+    with pytest.raises(QTrainError, match=f"method '{block['method']}' cannot be merged.*qtrain generate"):
+        export(run, tmp_path / "out", say=lambda s: None)
+    assert not (tmp_path / "out").exists()
