@@ -1,0 +1,153 @@
+"""Hostile and bad inputs through the real CLI: each stops with a named error (file, line or key), exit code 2,
+no traceback, and nothing already on disk changed. Plus the security promises: safetensors only, no remote code
+unless asked, no network for local models."""
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qtrain.config import DataSection, ModelSection, load_config
+from qtrain.errors import QTrainError
+from conftest import make_tokenizer, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = [{"instruction": "Rewrite the date.", "input": f"March {i}, 2021", "output": f"2021-03-0{i}"} for i in range(1, 5)]
+
+
+def jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def model_variant(tiny_model_dir, folder, edit_config=None, edit_tokenizer=None):
+    shutil.copytree(tiny_model_dir, folder)
+    for name, edit in (("config.json", edit_config), ("tokenizer_config.json", edit_tokenizer)):
+        if edit:
+            data = json.loads((folder / name).read_text())
+            edit(data)
+            (folder / name).write_text(json.dumps(data))
+    return folder
+
+
+def snapshot(root):
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_hostile_inputs_fail_with_a_named_error_and_damage_nothing(tiny_model_dir, tmp_path, capsys):
+    from qtrain.cli import main
+
+    good = jsonl(tmp_path / "good.jsonl", ROWS)
+    cases = {}  # name -> (config overrides or extra args, expected message pattern)
+
+    def case(name, *args, data=None, model=None, expect):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = write_config(folder, model or tiny_model_dir, data or good)
+        cases[name] = ([str(config), *args], expect, folder)
+
+    case("malformed_jsonl", data=jsonl(tmp_path / "bad.jsonl", [ROWS[0], '{"instruction": "x", "output": ']),
+         expect=r"bad\.jsonl:2: not valid JSON")
+    case("missing_field", data=jsonl(tmp_path / "nofield.jsonl", [{"instruction": "x", "input": "y"}]),
+         expect=r"nofield\.jsonl:1: missing field 'output'")
+    case("empty_dataset", data=jsonl(tmp_path / "empty.jsonl", []),
+         expect=r"data\.train: .*empty\.jsonl' is empty")
+    case("non_text_field", data=jsonl(tmp_path / "numbers.jsonl", [{**r, "output": i} for i, r in enumerate(ROWS)]),
+         expect=r"numbers\.jsonl:1: field 'output' must be text, got int")
+    case("all_masked", "--set=data.max_seq_len=4", expect=r"data\.train: no example .* response token left")
+    case("unknown_architecture", model=model_variant(
+        tiny_model_dir, tmp_path / "qwerty-model", lambda c: c.update(model_type="qwerty")),
+         expect=r"model\.path: .*qwerty-model.*qwerty")
+    case("remote_code_not_trusted", model=model_variant(
+        tiny_model_dir, tmp_path / "remote-model",
+        lambda c: c.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"})),
+         expect=r"model\.path: .*trust_remote_code")
+    (tmp_path / "remote-model" / "evil.py").write_text(f"open({str(tmp_path / 'PWNED')!r}, 'w')\n")
+    case("output_dir_of_another_run", expect=r"output\.dir: .* already holds files.*--resume .*step-3.*--overwrite")
+    other = tmp_path / "output_dir_of_another_run" / "run"
+    (other / "checkpoints" / "step-3").mkdir(parents=True)
+    (other / "config.yaml").write_text("model: {path: someone-else}\n")
+    (other / "checkpoints" / "step-3" / "trainable.safetensors").write_bytes(b"precious")
+    case("resume_path_escaping_its_folder", f"--resume={tmp_path / 'evil-ckpt' / 'step-1'}",
+         expect=r"names a file '\.\./\.\./secret' outside its folder")
+    (tmp_path / "evil-ckpt" / "step-1").mkdir(parents=True)
+    (tmp_path / "evil-ckpt" / "step-1" / "manifest.json").write_text(json.dumps(
+        {"format": 1, "step": 1, "files": {n: {"bytes": 0, "sha256": ""} for n in
+                                           ["../../secret", "trainable.safetensors", "optimizer.safetensors",
+                                            "optimizer.json", "rng.safetensors", "state.json"]}}))
+    (tmp_path / "secret").write_text("do not read")
+    case("tokenizer_without_pad_token", model=model_variant(
+        tiny_model_dir, tmp_path / "nopad-model", edit_tokenizer=lambda t: t.pop("pad_token")), expect=None)
+
+    before = snapshot(tmp_path)
+    # One case through a real `python -m qtrain` process (exit status, stderr); all of them through the same
+    # entry point in this process, which spares a torch import per case.
+    args, expect, _ = cases["malformed_jsonl"]
+    proc = subprocess.run([sys.executable, "-m", "qtrain", "run", *args], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2 and re.search(expect, proc.stderr) and "Traceback" not in proc.stderr, proc.stderr
+    for name, (args, expect, folder) in cases.items():
+        code = main(["run", *args, "--set=training.max_steps=1"])  # any other exception fails the test
+        stderr = capsys.readouterr().err
+        if expect is None:
+            assert code == 0, f"{name}: {stderr}"
+            continue
+        assert code == 2 and re.search(expect, stderr, re.S), f"{name}: exit {code}: {stderr}"
+        if name != "output_dir_of_another_run":  # a failed run leaves no run behind to block the next one
+            assert not (folder / "run").exists() or {p.name for p in (folder / "run").iterdir()} <= {"config.yaml"}
+    after = snapshot(tmp_path)
+    assert {p: after.get(p) for p in before} == before  # nothing that was on disk changed
+    assert not (tmp_path / "PWNED").exists()  # the model's own code never ran
+
+
+def test_examples_with_nothing_to_learn_are_counted_and_skipped(tmp_path):
+    from qtrain.data import prepare
+
+    long_prompt = {"instruction": "Rewrite the date. " * 40, "input": "x", "output": "2021-01-01"}
+    path = jsonl(tmp_path / "mixed.jsonl", [*ROWS, long_prompt])
+    dataset, stats = prepare(str(path), DataSection(train="x", max_seq_len=48), make_tokenizer(), "data.train")
+    assert (stats.examples, stats.all_masked, stats.truncated) == (4, 1, 1) and len(dataset) == 4
+    assert "1 skipped with nothing to learn" in stats.line()
+
+
+# ------------------------------------------------------------------------------------------------ security
+
+
+def test_no_pickle_in_qtrain():
+    """Weights are safetensors only: no pickle import, torch.load only with weights_only=True, no torch.save."""
+    for path in (REPO / "qtrain").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b", text, re.M), path
+        assert "torch.save(" not in text, path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{path}: {call}"
+
+
+def test_a_local_model_trains_without_any_network(tiny_model_dir, dates_file, tmp_path, monkeypatch):
+    from qtrain.run import run
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_network)
+    summary = run(load_config(write_config(tmp_path, tiny_model_dir, dates_file, training={"max_steps": 1})))
+    assert summary["steps"] == 1
+
+
+def test_only_a_hub_id_reaches_the_hub_and_remote_code_stays_off(monkeypatch, tmp_path):
+    from qtrain.modeling import resolve_model_path
+
+    calls = []
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo, **kw: calls.append(repo) or str(tmp_path))
+    assert resolve_model_path(ModelSection(path="some-owner/some-model")) == tmp_path and calls == ["some-owner/some-model"]
+    for local_looking in ("./missing/model/dir", str(tmp_path / "missing")):
+        with pytest.raises(QTrainError, match="neither a local folder"):
+            resolve_model_path(ModelSection(path=local_looking))
+    assert calls == ["some-owner/some-model"]
+    assert ModelSection().trust_remote_code is False

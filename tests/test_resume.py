@@ -1,0 +1,238 @@
+"""Resume equals the uninterrupted run, bit for bit: losses and final adapter weights, for each optimizer, with
+gradient accumulation, LoRA dropout (so the RNG state matters) and interruptions mid-epoch. Also: a config that
+changes the maths is refused by key, SIGINT stops with a checkpoint and exit 0, non-finite steps are skipped."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from qtrain import checkpoint as ck
+from qtrain.checkpoint import Checkpoint, Checkpointer, latest_valid
+from qtrain.config import DataSection, ModelSection, QuantizationSection, TrainingSection, load_config
+from qtrain.data import Batches, prepare
+from qtrain.methods.blocks import LoRABlock
+from qtrain.methods.lora import LoRA
+from qtrain.modeling import load_model
+from qtrain.train import TrainingDiverged, train
+from conftest import write_config
+
+CPU = torch.device("cpu")
+TOTAL = 5
+
+
+def session(model_dir, dates, optimizer, root, resume_from=None, dropout=0.1):
+    """A fresh model + LoRA + data stream, as a new process would build them. The base is unquantized here
+    (faster; resume does not touch the base; the CLI tests below run on 4-bit)."""
+    loaded = load_model(ModelSection(path=str(model_dir)), QuantizationSection(bits="none"), CPU)
+    r = 64 if "8bit" in optimizer else 4  # r=64: LoRA matrices over bnb's 4096-element threshold for 8-bit state
+    torch.manual_seed(0)
+    method = LoRA(LoRABlock(method="lora", r=r, alpha=r, dropout=dropout))
+    params = method.attach(loaded.model)
+    ds, _ = prepare(str(dates), DataSection(train="x", max_seq_len=64), loaded.tokenizer, "data.train")
+    # 8 examples in micro-batches of 3 with 2 per step: epochs end in the middle of optimizer steps.
+    batches = Batches(ds, 3, seed=0, pad_id=loaded.tokenizer.pad_token_id)
+    cfg = TrainingSection(micro_batch_size=3, gradient_accumulation_steps=2, max_steps=TOTAL, learning_rate=5e-3,
+                          optimizer=optimizer, lr_scheduler="cosine", warmup_steps=2, save_every=1, keep_last=None,
+                          gradient_checkpointing=False)
+    saver = Checkpointer(root, params, {"training": {"optimizer": optimizer}}, "fp", cfg.save_every, None,
+                         resume_from=resume_from)
+    groups = [{"params": list(params.values()), "lr": cfg.learning_rate}]
+    return loaded.model, groups, batches, cfg, saver, params
+
+
+def fit(model_dir, dates, optimizer, root, resume_from=None, checkpoints=True, stop=lambda: False):
+    model, groups, batches, cfg, saver, params = session(model_dir, dates, optimizer, root, resume_from)
+    if resume_from is not None:  # a new process: whatever RNG state it has must not matter
+        torch.manual_seed(1234), random.seed(1234), np.random.seed(1234)
+    result = train(model, groups, batches, cfg, TOTAL, Accelerator(cpu=True), log=lambda r: None,
+                   checkpoints=saver if checkpoints else None, stop=stop)
+    return result, {n: p.detach().clone() for n, p in params.items()}
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, tmp_path_factory):
+    """An uninterrupted run per optimizer, checkpointing every step (computed once per module)."""
+    from conftest import DATES
+
+    folder = tmp_path_factory.mktemp("full")
+    dates = folder / "dates.jsonl"
+    dates.write_text("".join(json.dumps({"instruction": "Rewrite the date in ISO 8601 format.", "input": text,
+                                         "output": iso}) + "\n" for text, iso in DATES))
+    runs = {}
+
+    def get(optimizer):
+        if optimizer not in runs:
+            runs[optimizer] = (folder / optimizer, *fit(tiny_model_dir, dates, optimizer, folder / optimizer))
+        return (dates, *runs[optimizer])
+    return get
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_resumed_run_is_bit_identical(tiny_model_dir, full_run, tmp_path, optimizer):
+    dates, root, full, full_w = full_run(optimizer)
+    assert len(set(full.losses)) == TOTAL  # the loss moves: a frozen run would pass trivially
+    if "8bit" in optimizer:
+        from safetensors import safe_open
+
+        with safe_open(str(root / "step-1" / "optimizer.safetensors"), "pt") as f:
+            assert any(f.get_tensor(k).dtype == torch.uint8 for k in f.keys())
+    # step 2: just after an epoch ended inside that optimizer step; 4: mid-epoch, while the lr decays.
+    for k in (2, 4) if optimizer == "adamw" else (2,):
+        resumed, resumed_w = fit(tiny_model_dir, dates, optimizer, tmp_path / f"from-{k}",
+                                 resume_from=Checkpoint.open(root / f"step-{k}"))
+        assert resumed.losses == full.losses, f"resume from step {k}"
+        assert all(torch.equal(resumed_w[n], full_w[n]) for n in full_w), f"resume from step {k}"
+
+
+def test_checkpointing_does_not_perturb_the_run(tiny_model_dir, full_run, tmp_path):
+    dates, _, full, full_w = full_run("adamw")
+    plain, plain_w = fit(tiny_model_dir, dates, "adamw", tmp_path, checkpoints=False)
+    assert plain.losses == full.losses and all(torch.equal(full_w[n], plain_w[n]) for n in plain_w)
+
+
+def test_rng_restore_is_what_makes_dropout_resume_exact(tiny_model_dir, full_run, tmp_path, monkeypatch):
+    """Negative control: without restoring the RNG, dropout masks differ and so do the losses."""
+    dates, root, full, _ = full_run("adamw")
+    monkeypatch.setattr(ck, "_set_rng_state", lambda saved, tensors: None)
+    resumed, _ = fit(tiny_model_dir, dates, "adamw", tmp_path, resume_from=Checkpoint.open(root / "step-2"))
+    assert resumed.losses[:2] == full.losses[:2] and resumed.losses[2] != full.losses[2]
+
+
+def test_stop_request_finishes_the_step_and_checkpoints(tiny_model_dir, full_run, tmp_path):
+    dates, _, full, full_w = full_run("adamw")
+    calls = []
+    stopped, _ = fit(tiny_model_dir, dates, "adamw", tmp_path / "run",
+                     stop=lambda: calls.append(1) or len(calls) >= 3)
+    assert stopped.stopped and stopped.steps == 3 and stopped.checkpoint.name == "step-3"
+    resumed, resumed_w = fit(tiny_model_dir, dates, "adamw", tmp_path / "run2",
+                             resume_from=latest_valid(tmp_path / "run"))
+    assert resumed.losses == full.losses and all(torch.equal(resumed_w[n], full_w[n]) for n in full_w)
+
+
+def poison(model, steps):
+    """Make the loss NaN on the given optimizer steps (1-based; two micro-batches each)."""
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(1)
+        return output * float("nan") if (len(calls) - 1) // 2 + 1 in steps else output
+
+    model.model.norm.register_forward_hook(hook)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_model_dir, dates_file, tmp_path):
+    model, groups, batches, cfg, saver, params = session(tiny_model_dir, dates_file, "adamw", tmp_path / "c")
+    poison(model, {3, 4})
+    cfg.max_bad_steps = 3
+    records, weights = [], []
+
+    def stop():  # called after every step: keep the weights it left
+        weights.append({n: p.detach().clone() for n, p in params.items()})
+        return False
+
+    result = train(model, groups, batches, cfg, TOTAL, Accelerator(cpu=True), log=records.append,
+                   checkpoints=saver, stop=stop)
+    assert result.skipped == 2 and result.steps == TOTAL
+    assert [r.get("skipped") for r in records] == [None, None, "non-finite loss", "non-finite loss", None]
+    assert records[2]["loss"] is None and records[4]["loss"] is not None
+    # A skipped step leaves the weights as they were and writes no checkpoint; training then goes on.
+    assert all(torch.equal(weights[1][n], weights[3][n]) for n in params)
+    assert not all(torch.equal(weights[3][n], weights[4][n]) for n in params)
+    assert [p.name for p in ck.step_dirs(tmp_path / "c")] == ["step-5", "step-2", "step-1"]
+
+    model, groups, batches, cfg, saver, params = session(tiny_model_dir, dates_file, "adamw", tmp_path / "d")
+    poison(model, {2, 3, 4, 5})
+    cfg.max_bad_steps = 2
+    with pytest.raises(TrainingDiverged, match=r"2 optimizer steps in a row \(up to step 3\).*step-1"):
+        train(model, groups, batches, cfg, TOTAL, Accelerator(cpu=True), log=lambda r: None, checkpoints=saver)
+    assert [p.name for p in ck.step_dirs(tmp_path / "d")] == ["step-1"]
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+def cli(capsys, *args):
+    """`qtrain run ARGS` in this process: (exit code, stdout, stderr)."""
+    from qtrain.cli import main
+
+    code = main(["run", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_sigint_checkpoints_exits_0_and_resume_matches(tiny_model_dir, dates_file, tmp_path, capsys):
+    training = {"max_steps": 10_000, "lr_scheduler": "constant", "save_every": 1000, "log_every": 1}
+    config = write_config(tmp_path, tiny_model_dir, dates_file, training=training,
+                          peft=[{"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}])
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "qtrain", "run", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and
+                                          len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "SIGINT received" in stdout and f"qtrain run {config}" in stdout and "--resume" in stdout
+    assert "Traceback" not in stderr
+    (ckpt,) = ck.step_dirs(out / "checkpoints")
+    k = int(ckpt.name.split("-")[1])
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 2 <= k < 10_000 and steps == list(range(1, k + 1))  # the step in progress was finished and saved
+
+    # Resume to k + 2 steps (a constant schedule may be lengthened or shortened) and compare with a straight run.
+    end = f"--set=training.max_steps={k + 2}"
+    assert cli(capsys, config, end, "--resume")[0] == 0
+    assert cli(capsys, config, end, f"--set=output.dir={tmp_path / 'straight'}")[0] == 0
+    a = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == (tmp_path / "straight" / "adapter" / "adapter_model.safetensors").read_bytes()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    straight_lines = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, k + 3))
+    assert [r["loss"] for r in lines] == [r["loss"] for r in straight_lines]
+
+
+def test_resume_refuses_a_config_that_changes_the_maths(tiny_model_dir, dates_file, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_model_dir, dates_file, training={"max_steps": 2})
+    assert cli(capsys, config)[0] == 0
+    code, _, err = cli(capsys, config, "--set=training.learning_rate=0.5", "--set=peft.0.r=8",
+                       "--set=training.max_steps=3", "--resume")
+    assert code == 2
+    for text in ("training.learning_rate: 0.01 → 0.5", "peft.0.r: 4 → 8", "training.max_steps: 2 → 3",
+                 "--allow-config-change"):
+        assert text in err
+    # Keys that do not touch the maths are fine; the run is already complete, so nothing is trained again.
+    code, stdout, err = cli(capsys, config, "--set=training.log_every=5", "--set=training.keep_last=4", "--resume")
+    assert code == 0, err
+    assert "resuming from" in stdout and "step 2 of 2" in stdout
+    # --allow-config-change lets a changed run length through, with a warning.
+    code, stdout, _ = cli(capsys, config, "--set=training.max_steps=3", "--resume", "--allow-config-change")
+    assert code == 0 and "will differ from an uninterrupted run" in stdout
+    assert [p.name for p in ck.step_dirs(tmp_path / "run" / "checkpoints")] == ["step-3", "step-2"]
+
+
+def test_an_output_folder_is_never_destroyed_without_overwrite(tiny_model_dir, dates_file, tmp_path):
+    from qtrain.run import run
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file, training={"max_steps": 2}))
+    run(cfg)
+    out = tmp_path / "run"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(Exception, match="continue it with --resume .*step-2.*--overwrite"):
+        run(cfg)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    marker = out / "notes.txt"  # a file of the user's is left alone even by --overwrite
+    marker.write_text("mine")
+    run(cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": 1})}), overwrite=True)
+    assert [p.name for p in ck.step_dirs(out / "checkpoints")] == ["step-1"] and marker.read_text() == "mine"
+    assert os.path.exists(out / "adapter" / "adapter_model.safetensors")
