@@ -24,6 +24,39 @@ from qtrain.methods.blocks import METHOD_BLOCKS
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the shipped GGUF was made from
+
+
+def portable_base_model(name: str) -> str:
+    """What adapter_config.json says the base is: a hub id other machines can resolve, never a local path.
+
+    The shipped alias becomes SmolLM2's hub id; a local folder becomes its folder name (peft, vLLM and llama.cpp's
+    converter take the base from their own argument then; an absolute path would only leak this machine's layout).
+    """
+    from qtrain.modeling import SMOLLM2_ALIAS
+
+    if name == SMOLLM2_ALIAS:
+        return SMOLLM2_HUB_ID
+    local = Path(name).expanduser()
+    if local.is_absolute() or local.exists() or name.startswith("."):
+        return local.resolve().name
+    return name
+
+
+def publish_dir(tmp: Path, directory: Path) -> None:
+    """Move the finished folder `tmp` to `directory` (same filesystem), replacing an old one only at the end."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_adapter(directory: str | Path, methods: list[Method], params: dict[str, nn.Parameter],
@@ -31,25 +64,18 @@ def save_adapter(directory: str | Path, methods: list[Method], params: dict[str,
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tensors = {PEFT_PREFIX + name: p.detach().to("cpu").contiguous() for name, p in params.items()}
-    peft_configs = [c for c in (m.adapter_config(base_model) for m in methods) if c is not None]
+    for m in methods:  # peft's names where they differ (e.g. prompt tuning's `prompt_embeddings`)
+        tensors = m.to_file(tensors)
+    portable = portable_base_model(base_model)
+    peft_configs = [c for c in (m.adapter_config(portable) for m in methods) if c is not None]
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        if len(peft_configs) == 1:
+        if len(peft_configs) == 1 and len(methods) == 1:  # peft would silently drop a mix's other methods
             (tmp / "adapter_config.json").write_text(json.dumps(peft_configs[0], indent=2) + "\n")
         (tmp / "qtrain.json").write_text(json.dumps(
             {"base_model": base_model, "methods": [m.block.model_dump(mode="json") for m in methods]}, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
@@ -68,6 +94,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> tuple[list[Method],
     for m in methods:
         params.update(m.attach(model))
     saved = load_file(str(directory / WEIGHTS))
+    for m in methods:
+        saved = m.from_file(saved)
     names = {PEFT_PREFIX + n for n in params}
     if set(saved) != names:
         missing, extra = sorted(names - set(saved)), sorted(set(saved) - names)
@@ -75,5 +103,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> tuple[list[Method],
                           f"unexpected {extra[:3]}); load it on the base it was trained on")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(saved[PEFT_PREFIX + name])
+            if p.is_meta:  # attached to a skeleton (export): the saved tensor becomes the parameter's storage
+                value = saved[PEFT_PREFIX + name].to(p.dtype)
+                torch.utils.swap_tensors(p, nn.Parameter(value, requires_grad=p.requires_grad))
+            else:
+                p.copy_(saved[PEFT_PREFIX + name])
     return methods, params

@@ -29,6 +29,7 @@ class Arch:
     tie_embeddings: bool
     attention_bias: bool = False
     model_type: str = "llama"
+    mlp_bias: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "Arch":
@@ -41,7 +42,7 @@ class Arch:
                 head_dim=int(cfg.get("head_dim") or hidden // heads), vocab=int(cfg["vocab_size"]),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
-                model_type=str(cfg.get("model_type", "llama")),
+                model_type=str(cfg.get("model_type", "llama")), mlp_bias=bool(cfg.get("mlp_bias", False)),
             )
         except KeyError as e:
             raise QTrainError(f"model config: missing {e.args[0]!r}; qtrain reads decoder configs of the Llama "
@@ -66,6 +67,24 @@ class Arch:
         }
         return {f"model.layers.{i}.{name}": shape for i in range(self.layers) for name, shape in per_layer.items()}
 
+    def block_parameters(self) -> dict[str, int]:
+        """Full parameter name → size of every parameter inside the decoder layers (weights, biases, norms), for
+        the Llama, Mistral, Qwen2 and Qwen3 layouts."""
+        sizes: dict[str, int] = {}
+        biased = {"q_proj", "k_proj", "v_proj"} | ({"o_proj"} if self.model_type != "qwen2" else set())
+        for name, (i, o) in self.linears().items():
+            sizes[f"{name}.weight"] = i * o
+            short = name.rsplit(".", 1)[-1]
+            if (self.attention_bias and short in biased) or (self.mlp_bias and name.split(".")[-2] == "mlp"):
+                sizes[f"{name}.bias"] = o
+        for i in range(self.layers):
+            sizes[f"model.layers.{i}.input_layernorm.weight"] = self.hidden
+            sizes[f"model.layers.{i}.post_attention_layernorm.weight"] = self.hidden
+            if self.model_type == "qwen3":
+                sizes[f"model.layers.{i}.self_attn.q_norm.weight"] = self.head_dim
+                sizes[f"model.layers.{i}.self_attn.k_norm.weight"] = self.head_dim
+        return sizes
+
 
 def matches(name: str, targets: list[str] | str) -> bool:
     """peft's target rule: a list matches the full module name or its last components (`q_proj` matches
@@ -73,3 +92,8 @@ def matches(name: str, targets: list[str] | str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
+    """peft's rank/alpha pattern rule: the first key K for which `(.*\\.)?K$` matches `name` from its start."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", name)), None)

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qtrain.errors import ConfigError
+from qtrain.errors import ConfigError, QTrainError
 from qtrain.methods.blocks import METHOD_BLOCKS
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -48,6 +48,9 @@ class QuantizationSection(Section):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """`auto`: bfloat16 on a GPU that supports it, else float16 on GPU, float32 on CPU (bf16 is slower there)."""
     blocksize: Literal[32, 64, 128, 256] = 64
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    """The dtype packed 4-bit values are stored in. FSDP needs one float dtype for all parameters it shards
+    (FSDP-QLoRA): set it to the compute dtype there. The bytes and the numerics are the same either way."""
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"])
     """Linear layers (by name suffix) that stay in full precision."""
 
@@ -81,6 +84,8 @@ class DataSection(Section):
     max_seq_len: PositiveInt = 512
     train_on_prompt: bool = False
     """Compute the loss on the prompt too (default: responses only, end-of-turn token included)."""
+    eval_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    """Without `data.eval`: hold out this fraction of `data.train` (seeded) for eval loss and perplexity."""
 
 
 class EvalSection(Section):
@@ -90,11 +95,20 @@ class EvalSection(Section):
     max_new_tokens: PositiveInt = 32
     before_training: bool = True
     """Also score the base model, so the report shows what training changed."""
+    during_training: NonNegInt = 8
+    """At each `training.eval_every`: exact match on this many eval prompts, with sample generations logged."""
 
 
 class TrainingSection(Section):
-    micro_batch_size: PositiveInt = 4
+    micro_batch_size: PositiveInt | Literal["auto"] = 4
+    """Examples per forward pass; `auto`: the largest that the planner predicts fits `memory_budget` (or the
+    device's memory), decided by `qtrain run` before the model is loaded."""
     gradient_accumulation_steps: PositiveInt = 1
+    effective_batch_size: PositiveInt | None = None
+    """Examples per optimizer step. With `micro_batch_size: auto` the micro-batch is the largest divisor of it
+    that fits and the accumulation makes up the rest; otherwise it must equal micro-batch × accumulation."""
+    memory_budget: int | str | None = None
+    """Memory the run may use, e.g. "24GB", "11.5GiB" or bytes: `qtrain run` warns when the planner predicts more."""
     max_steps: PositiveInt | None = None
     epochs: Annotated[float, Field(gt=0)] | None = None
     learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2e-4
@@ -108,8 +122,43 @@ class TrainingSection(Section):
     gradient_checkpointing: bool = True
     seed: int = 42
     log_every: PositiveInt = 1
+    eval_every: PositiveInt | None = None
+    """Every N optimizer steps: eval loss/perplexity on the eval data (and exact match, see eval.during_training)."""
     loss_chunk_size: PositiveInt = 512
     """Target tokens per chunk of the output projection + cross-entropy (never the full logits at once)."""
+    save_every: PositiveInt | None = 100
+    """Write a checkpoint every this many optimizer steps (null: only at the end and on SIGINT/SIGTERM)."""
+    keep_last: PositiveInt | None = 2
+    """How many checkpoints to keep under output.dir/checkpoints (null: all)."""
+    max_bad_steps: PositiveInt = 10
+    """Stop after this many optimizer steps in a row with a non-finite loss or gradient (each one is skipped)."""
+
+    @model_validator(mode="after")
+    def _eval_on_logged_steps(self) -> "TrainingSection":
+        if self.eval_every is not None and self.eval_every % self.log_every:
+            raise ValueError(f"training.eval_every ({self.eval_every}) must be a multiple of training.log_every "
+                             f"({self.log_every}); evaluation runs on logged steps")
+        return self
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _memory_size(cls, v: str | int | None) -> str | int | None:
+        from qtrain.gpus import parse_bytes
+
+        try:
+            v is None or parse_bytes(v, "training.memory_budget")
+        except QTrainError as e:
+            raise ValueError(str(e).removeprefix("training.memory_budget: ")) from None
+        return v
+
+    @model_validator(mode="after")
+    def _batch_sizes(self) -> "TrainingSection":
+        e, m = self.effective_batch_size, self.micro_batch_size
+        if e is not None and m != "auto" and e != m * self.gradient_accumulation_steps:
+            raise ValueError(f"training.effective_batch_size ({e}) must equal micro_batch_size ({m}) × "
+                             f"gradient_accumulation_steps ({self.gradient_accumulation_steps}); or set "
+                             "micro_batch_size: auto to have the accumulation derived")
+        return self
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainingSection":
@@ -122,7 +171,9 @@ class TrainingSection(Section):
 
 class LoggingSection(Section):
     progress: bool = True
-    """A progress bar on stderr (step, loss, tokens/s, ETA); off in CI or when not a terminal, if `auto`."""
+    """A progress bar on stderr (step, loss, lr, tokens/s, ETA, memory) when stderr is a terminal; else log lines."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to `<output.dir>/tensorboard` (needs `pip install tensorboard`)."""
 
 
 class OutputSection(Section):

@@ -313,36 +313,47 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
 
 @dataclass
 class Batches:
-    """An endless, seeded stream of micro-batches over epochs, resumable by (epoch, position)."""
+    """An endless, seeded stream of micro-batches over epochs, resumable by (epoch, position).
+
+    With several processes, all of them walk one global stream: process `rank` of `world` takes micro-batches
+    rank, rank + world, ... so N processes with micro-batch b see exactly the micro-batches that one process
+    with N-fold gradient accumulation would. `position` counts global micro-batches taken in the epoch.
+    """
 
     dataset: Any
     micro_batch_size: int
     seed: int
     pad_id: int
     epoch: int = 0
-    position: int = 0  # micro-batches already taken in this epoch
-    _order: list[int] = field(default_factory=list, repr=False)
+    position: int = 0  # global micro-batches already taken in this epoch
+    rank: int = 0
+    world: int = 1
+    _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def per_epoch(self) -> int:
         return math.ceil(len(self.dataset) / self.micro_batch_size)
 
-    def _epoch_order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(len(self.dataset), generator=g).tolist()
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._orders = {e: o for e, o in self._orders.items() if e >= self.epoch}  # keep at most two epochs
+            self._orders[epoch] = torch.randperm(len(self.dataset), generator=g).tolist()
+        return self._orders[epoch]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.position >= self.per_epoch:
-            self.epoch, self.position, self._order = self.epoch + 1, 0, []
-        if not self._order:
-            self._order = self._epoch_order()
-        start = self.position * self.micro_batch_size
-        idx = self._order[start:start + self.micro_batch_size]
-        self.position += 1
+        epoch, pos = divmod(self.epoch * self.per_epoch + self.position + self.rank, self.per_epoch)
+        start = pos * self.micro_batch_size
+        idx = self._order(epoch)[start:start + self.micro_batch_size]
+        self.epoch, self.position = divmod(self.epoch * self.per_epoch + self.position + self.world, self.per_epoch)
         return collate([self.dataset[i] for i in idx], self.pad_id)
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Continue at a saved (epoch, position): the epoch's order is recomputed, no batch is replayed."""
+        self.epoch, self.position, self._orders = int(state["epoch"]), int(state["position"]), {}

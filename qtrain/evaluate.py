@@ -1,20 +1,26 @@
-"""Held-out evaluation: mean token loss / perplexity, and exact match of greedy generations.
+"""Held-out evaluation: mean token loss / perplexity, exact match of greedy generations, and forgetting.
 
 Exact match is the task metric of the quickstart: for each eval row, the prompt is rendered exactly as in
 training, the model generates greedily until its end-of-turn token, and the stripped text is compared with the
 reference answer. Generation runs batched with left padding.
+
+Forgetting: a fine-tune that wins its task can cost general ability. `reference_perplexity` scores a general
+English text shipped with qtrain (qtrain/resources/reference.txt, written for this purpose, unrelated to any
+task) so the report can show base vs trained perplexity on it beside the task metrics.
 """
 
 from __future__ import annotations
 
 import math
+from importlib import resources
 from typing import Any
 
 import torch
 from torch import nn
 
-from qtrain.config import DataSection
+from qtrain.config import DataSection, RunConfig
 from qtrain.data import Formatter, _adds_bos, collate, load_rows
+from qtrain.methods import prepare_inputs
 from qtrain.train import batch_loss_sum
 from qtrain.numerics import count_targets
 
@@ -67,9 +73,10 @@ def exact_match(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], max_n
         width = max(map(len, prompts))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)  # left padding
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=eos)
-        for (prompt, ref), gen in zip(chunk, out[:, width:]):
+        inputs = prepare_inputs(model, {"input_ids": ids, "attention_mask": mask})  # e.g. virtual tokens
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                             eos_token_id=eos)
+        for (prompt, ref), gen in zip(chunk, out[:, inputs["input_ids"].shape[1]:]):
             text = tokenizer.decode(gen, skip_special_tokens=True).strip()
             ok = text == ref.strip()
             hits += ok
@@ -77,3 +84,77 @@ def exact_match(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], max_n
                 samples.append({"prompt": prompt[-120:], "reference": ref, "generated": text, "match": ok})
     model.train(was_training)
     return {"exact_match": hits / max(len(pairs), 1), "n": len(pairs), "samples": samples}
+
+
+def reference_text() -> str:
+    return resources.files("qtrain.resources").joinpath("reference.txt").read_text(encoding="utf-8")
+
+
+@torch.no_grad()
+def reference_perplexity(model: nn.Module, tokenizer, device: torch.device, text: str | None = None,
+                         window: int = 256) -> float:
+    """Perplexity of `text` (default: the shipped general reference text), scored in windows of `window` tokens."""
+    ids = tokenizer(text or reference_text(), add_special_tokens=False)["input_ids"]
+    rows = [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1]
+    dataset = [{"input_ids": r, "labels": r} for r in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return eval_loss(model, dataset, 4, pad, 1024, device)["eval_perplexity"]
+
+
+def forgetting_lines(base: dict[str, float], trained: dict[str, float]) -> list[str]:
+    """Human lines comparing base and trained metrics (same keys in both)."""
+    names = {"reference_perplexity": "general-text perplexity (lower is better)",
+             "eval_perplexity": "task perplexity on data.eval (lower is better)",
+             "exact_match": "task exact match on data.eval (higher is better)"}
+    lines = []
+    for key, label in names.items():
+        if key in base and key in trained:
+            b, t = base[key], trained[key]
+            change = f"{100 * (t - b) / b:+.1f}%" if b else "n/a"
+            fmt = (lambda v: f"{v:.1%}") if key == "exact_match" else (lambda v: f"{v:.3f}")
+            lines.append(f"{label}: base {fmt(b)} → trained {fmt(t)} ({change})")
+    return lines
+
+
+def score_model(model: nn.Module, tokenizer, cfg: RunConfig, device: torch.device, eval_set=None,
+                pairs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Task and general-text metrics of `model`, computed the same way for the base and the trained model."""
+    out: dict[str, Any] = {"reference_perplexity": reference_perplexity(model, tokenizer, device)}
+    if eval_set is not None:
+        out.update(eval_loss(model, eval_set, cfg.training.micro_batch_size, tokenizer.pad_token_id,
+                             cfg.training.loss_chunk_size, device))
+    if pairs:
+        em = exact_match(model, tokenizer, pairs, cfg.eval.max_new_tokens, device)
+        out.update(exact_match=em["exact_match"], exact_match_n=em["n"], samples=em["samples"])
+    return out
+
+
+def evaluate_run(run_dir: str) -> dict[str, Any]:
+    """`qtrain eval RUN_DIR`: base vs trained on data.eval and on the reference text; writes eval.json."""
+    import json
+    from pathlib import Path
+
+    from qtrain.adapter_io import load_adapter
+    from qtrain.config import load_config
+    from qtrain.data import prepare
+    from qtrain.errors import QTrainError
+    from qtrain.modeling import load_model
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file() or not (run / "adapter").is_dir():
+        raise QTrainError(f"{run_dir}: not a finished qtrain run (needs config.yaml and adapter/); "
+                          "give the output.dir of a `qtrain run`")
+    cfg = load_config(run / "config.yaml")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(cfg.model, cfg.quantization, device)
+    tok = loaded.tokenizer
+    eval_set = prepare(cfg.data.eval, cfg.data, tok, "data.eval")[0] if cfg.data.eval else None
+    pairs = reference_pairs(cfg.data.eval, cfg.data, tok, cfg.eval.max_examples) \
+        if cfg.data.eval and cfg.eval.exact_match and cfg.data.format != "text" else []
+    scores = {"base": score_model(loaded.model, tok, cfg, device, eval_set, pairs)}
+    load_adapter(loaded.model, run / "adapter")
+    scores["trained"] = score_model(loaded.model, tok, cfg, device, eval_set, pairs)
+    report = {k: {m: v for m, v in s.items() if m != "samples"} for k, s in scores.items()}
+    report["lines"] = forgetting_lines(report["base"], report["trained"])
+    (run / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

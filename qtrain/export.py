@@ -191,7 +191,12 @@ def write_merged(cfg, model_path: Path, adapter_dir: Path, folder: Path, dtype: 
         del t
         shards.add(key, out)
         del out
-    added = {k: v for m in methods for k, v in m.added_tensors().items()}
+    added: dict[str, torch.Tensor] = {}
+    for i, m in enumerate(methods):  # a tensor a method adds still passes through the methods listed after it
+        for key, t in m.added_tensors().items():
+            for later in methods[i + 1:]:
+                t = later.merged_tensor(key, t)
+            added[key] = t
     _declare_added(hf_config, added)
     for key, t in added.items():
         shards.add(key, t)

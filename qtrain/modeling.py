@@ -27,14 +27,10 @@ from torch import nn
 
 from qtrain.config import ModelSection, QuantizationSection
 from qtrain.errors import QTrainError
+from qtrain.locate import SMOLLM2_ALIAS, cache_dir  # torch-free, shared with the planner
 from qtrain.quantization import QuantSpec, is_quantized, quantize_linear, weight_nbytes
 
-SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QTRAIN_CACHE", Path.home() / ".cache" / "qtrain"))
 
 
 # ------------------------------------------------------------------------------------------------ resolving
@@ -125,7 +121,8 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
 def quant_spec(section: QuantizationSection, compute_dtype: torch.dtype) -> QuantSpec:
     bits = None if section.bits == "none" else int(section.bits)
     return QuantSpec(bits=bits, quant_type=section.type, double_quant=section.double_quant,
-                     blocksize=section.blocksize, compute_dtype=compute_dtype)
+                     blocksize=section.blocksize, compute_dtype=compute_dtype,
+                     quant_storage=getattr(torch, section.quant_storage))
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -150,17 +147,11 @@ def load_tokenizer(path: Path, section: ModelSection):
     return tok
 
 
-def load_model(section: ModelSection, quant: QuantizationSection, device: torch.device,
-               path: Path | None = None, skip_quantize: set[str] | None = None) -> LoadedModel:
-    """Build the frozen, quantized base on `device`. `skip_quantize` names linears to keep in full precision
-    (e.g. blocks a method will train fully)."""
+def build_skeleton(section: ModelSection, path: Path, compute_dtype: torch.dtype) -> nn.Module:
+    """The architecture of the checkpoint at `path` on the meta device (no memory); `model.config` is its config."""
     import accelerate
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = path or resolve_model_path(section)
-    compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
-    spec = quant_spec(quant, compute_dtype)
     try:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=section.trust_remote_code)
     except ValueError as e:
@@ -180,11 +171,32 @@ def load_model(section: ModelSection, quant: QuantizationSection, device: torch.
         except ValueError as e:
             raise QTrainError(f"model.path: {path}: transformers cannot build a causal LM from this config ({e}); "
                               "use a supported architecture") from None
+    return model
 
+
+def quantized_linear_names(model: nn.Module, quant: QuantizationSection,
+                           skip_quantize: set[str] | None = None) -> set[str]:
+    """The linear layers the loader stores quantized: all but the output head, `quant.skip_modules` and
+    `skip_quantize` (matched by name suffix). Export uses the same rule to reproduce what training saw."""
     skip = set(quant.skip_modules) | (skip_quantize or set())
     head = model.get_output_embeddings()
-    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
-               and not any(name == s or name.endswith("." + s) for s in skip)}
+    return {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
+            and not any(name == s or name.endswith("." + s) for s in skip)}
+
+
+def load_model(section: ModelSection, quant: QuantizationSection, device: torch.device,
+               path: Path | None = None, skip_quantize: set[str] | None = None) -> LoadedModel:
+    """Build the frozen, quantized base on `device`. `skip_quantize` names linears to keep in full precision
+    (e.g. blocks a method will train fully)."""
+    from safetensors import safe_open
+
+    path = path or resolve_model_path(section)
+    compute_dtype = resolve_compute_dtype(quant.compute_dtype, device)
+    spec = quant_spec(quant, compute_dtype)
+    model = build_skeleton(section, path, compute_dtype)
+    hf_config = model.config
+    head = model.get_output_embeddings()
+    linears = quantized_linear_names(model, quant, skip_quantize)
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise QTrainError(f"model.path: {path} has no *.safetensors files; qtrain reads safetensors only "

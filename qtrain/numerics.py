@@ -1,4 +1,4 @@
-"""Numerics that must exist exactly once: the loss, its normalisation, the LoRA scale and delta.
+"""Numerics that must exist exactly once: the loss, its normalisation, the LoRA scale and delta, DoRA's norm.
 
 Training, evaluation, export and the benchmarks all call these, so a change here changes them all together.
 
@@ -29,6 +29,16 @@ def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
 def lora_delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """The dense (out, in) update a LoRA adds to its base weight: scaling · B @ A."""
     return scaling * (b @ a)
+
+
+def dora_weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """DoRA's denominator: the row norms (out,) of the adapted weight W + ΔW, both (out, in)."""
+    return torch.linalg.norm(weight + delta, dim=1)
+
+
+def dora_merged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's dense (out, in) weight: each row of W + ΔW rescaled to length m (out,). The bias is unchanged."""
+    return (magnitude / dora_weight_norm(weight, delta))[:, None] * (weight + delta)
 
 
 def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ class QuantSpec:
     double_quant: bool = True  # quantize the per-block absmax constants too (4-bit only)
     blocksize: int = 64
     compute_dtype: torch.dtype = torch.float32
+    quant_storage: torch.dtype = torch.uint8  # a float dtype here lets FSDP shard 4-bit weights (FSDP-QLoRA)
 
 
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
@@ -75,11 +76,12 @@ def quantize_linear(linear: nn.Linear, spec: QuantSpec) -> nn.Module:
         )
         packed, state = quantize_4bit(
             weight.contiguous(), blocksize=spec.blocksize, compress_statistics=spec.double_quant,
-            quant_type=spec.quant_type,
+            quant_type=spec.quant_type, quant_storage=spec.quant_storage,
         )
         layer.weight = bnb.nn.Params4bit(
             packed, requires_grad=False, quant_state=state, blocksize=spec.blocksize,
-            compress_statistics=spec.double_quant, quant_type=spec.quant_type, module=layer, bnb_quantized=True,
+            compress_statistics=spec.double_quant, quant_type=spec.quant_type, quant_storage=spec.quant_storage,
+            module=layer, bnb_quantized=True,
         )
         layer.quant_state = state
         layer.support_avx512bf16_for_cpu = False  # keep one numeric path for train and eval (module docstring)

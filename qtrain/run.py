@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,17 +30,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_output_dir(cfg: RunConfig, overwrite: bool) -> Path:
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "adapter", "checkpoints")
+
+
+def prepare_output_dir(cfg: RunConfig, overwrite: bool, resume_step: int | None = None) -> Path:
+    """Make `output.dir` ready. A folder holding files is refused, unless the run is resumed (its metrics are
+    cut back to the checkpoint's step) or `overwrite` is given (the previous run's files are removed)."""
+    from qtrain.checkpoint import step_dirs
+
     out = Path(cfg.output.dir)
     if out.exists() and not out.is_dir():
         raise QTrainError(f"output.dir: {out} is a file; choose a folder path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise QTrainError(f"output.dir: {out} already holds files (another run?); choose a new output.dir, "
-                          "or pass --overwrite to replace that run's files")
+    # Empty, or only the config of a run that failed before its first step: no run to protect.
+    holds_run = out.is_dir() and not {f.name for f in out.iterdir()} <= {"config.yaml"}
+    if resume_step is None and holds_run:
+        if not overwrite:
+            saved = step_dirs(out / "checkpoints")
+            hint = f"continue it with --resume (its newest checkpoint is {saved[0].name}), " if saved else ""
+            raise QTrainError(f"output.dir: {out} already holds files (another run?); {hint}choose a new "
+                              "output.dir, or pass --overwrite to replace that run's files")
+        for name in RUN_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    metrics = out / "metrics.jsonl"
+    if resume_step is not None and metrics.is_file():  # drop what was logged after the checkpoint
+        kept = [line for line in metrics.read_text().splitlines(keepends=True)
+                if line.strip() and _logged_step(line) <= resume_step]
+        metrics.write_text("".join(kept))
+    elif resume_step is None:
+        metrics.unlink(missing_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return out
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", math.inf)
+    except (ValueError, AttributeError):
+        return math.inf  # a line cut short by a crash
 
 
 def total_steps(cfg: RunConfig, n_examples: int, num_processes: int = 1) -> int:
@@ -65,22 +94,35 @@ def count_parameters(model: torch.nn.Module) -> int:
     return total
 
 
-def run(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
+def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
+        allow_config_change: bool = False) -> dict[str, Any]:
+    """Train as `cfg` says. `resume`: "latest" (the newest valid checkpoint in output.dir) or a checkpoint or
+    run folder; the run then continues exactly where that checkpoint left it."""
     from accelerate import Accelerator
 
     from qtrain.adapter_io import save_adapter
     from qtrain.arch import Arch
+    from qtrain.checkpoint import Checkpointer, check_resumable, check_same_length, resume_point, stop_on_signals
     from qtrain.data import Batches, prepare
-    from qtrain.evaluate import eval_loss, exact_match, reference_pairs
+    from qtrain.evaluate import eval_loss, exact_match, forgetting_lines, reference_pairs, score_model
+    from qtrain.logs import RunLogger
     from qtrain.methods import build_methods
-    from qtrain.modeling import enable_checkpointing, footprint, load_model, load_tokenizer, resolve_model_path
-    from qtrain.train import peak_memory_bytes, train
+    from qtrain.planner import check_before_loading
+    from qtrain.modeling import (enable_checkpointing, footprint, load_model, load_tokenizer, resolve_compute_dtype,
+                                 resolve_model_path)
+    from qtrain.train import mean_batch_loss, peak_memory_bytes, train
 
     t0 = time.perf_counter()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        resolve_compute_dtype(cfg.quantization.compute_dtype, device), "no")
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
     main = accelerator.is_main_process
     say = print if main else (lambda *a, **k: None)
-    out = prepare_output_dir(cfg, overwrite) if main else Path(cfg.output.dir)
+    if resume and overwrite:
+        raise QTrainError("--resume continues the run in output.dir and --overwrite deletes it; pass one of them")
+    ckpt = resume_point(Path(cfg.output.dir), resume, say) if resume else None
+    out = prepare_output_dir(cfg, overwrite, ckpt.step if ckpt else None) if main else Path(cfg.output.dir)
     seed_everything(cfg.training.seed)
 
     model_path = resolve_model_path(cfg.model)
@@ -91,8 +133,16 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     if cfg.data.eval:
         eval_set, eval_stats = prepare(cfg.data.eval, cfg.data, tokenizer, "data.eval")
         say(f"qtrain: data.eval: {eval_stats.line()}")
+    elif cfg.data.eval_fraction > 0:
+        split = train_set.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.training.seed)
+        train_set, eval_set = split["train"], split["test"]
+        say(f"qtrain: holding out {len(eval_set)} of {stats.examples} training examples for evaluation "
+            "(data.eval_fraction)")
 
     arch = Arch.from_path(model_path)
+    cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say)
+    if ckpt:  # against the resolved config (micro_batch_size: auto is a number by now)
+        check_resumable(ckpt, cfg.to_dict(), cfg.fingerprint(), allow_config_change, say)
     keep_dense = set().union(*(block.full_precision_linears(arch) for block in cfg.peft))
     loaded = load_model(cfg.model, cfg.quantization, accelerator.device, path=model_path, skip_quantize=keep_dense)
     model = loaded.model
@@ -103,13 +153,19 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         f"{cfg.quantization.bits}-bit linears {fp['quantized_linear_bytes'] / 2**20:.1f} MiB + other weights "
         f"({loaded.compute_dtype}) {fp['other_param_bytes'] / 2**20:.1f} MiB, compute dtype {loaded.compute_dtype}")
 
-    pairs, results = [], {}
+    pairs = []
     if cfg.data.eval and cfg.eval.exact_match and cfg.data.format != "text":
         pairs = reference_pairs(cfg.data.eval, cfg.data, tokenizer, cfg.eval.max_examples)
-    if pairs and cfg.eval.before_training:
-        results["base"] = exact_match(model, tokenizer, pairs, cfg.eval.max_new_tokens, accelerator.device)
-        say(f"qtrain: base model exact match on data.eval: {results['base']['exact_match']:.1%} "
-            f"({results['base']['n']} examples)")
+
+    def score(m: torch.nn.Module) -> dict[str, Any]:
+        return score_model(m, tokenizer, cfg, accelerator.device, eval_set, pairs)
+
+    scores: dict[str, dict[str, Any]] = {}
+    if cfg.eval.before_training:
+        scores["base"] = score(model)
+        if pairs:
+            say(f"qtrain: base model exact match on data.eval: {scores['base']['exact_match']:.1%} "
+                f"({len(pairs)} examples)")
 
     torch.manual_seed(cfg.training.seed)  # adapter init independent of what ran before
     methods = build_methods(cfg.peft)
@@ -119,32 +175,55 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         mine = method.attach(model)
         params.update(mine)
         groups += method.param_groups(mine, cfg.training.learning_rate)
+        if method.describe():
+            say(f"qtrain: {method.describe()}")
     n_trainable = sum(p.numel() for p in params.values())
     say(f"qtrain: trainable parameters: {n_trainable:,} ({100 * n_trainable / base_params:.3f}% of the base) "
         f"in {', '.join(m.name for m in methods)}")
     if cfg.training.gradient_checkpointing:
         enable_checkpointing(model)
+    calibration = Batches(train_set, cfg.training.micro_batch_size, cfg.training.seed, tokenizer.pad_token_id)
+    for method in methods:  # data-dependent init (a sparse mask): same batches, same result on every process
+        method.calibrate(model, calibration,
+                         lambda m, b: mean_batch_loss(m, b, cfg.training.loss_chunk_size, accelerator))
     if accelerator.num_processes > 1:
         model = accelerator.prepare_model(model)
 
     steps = total_steps(cfg, len(train_set), accelerator.num_processes)
-    batches = Batches(train_set, cfg.training.micro_batch_size, cfg.training.seed, tokenizer.pad_token_id)
-    metrics = (out / "metrics.jsonl").open("a") if main else None
+    if ckpt:
+        check_same_length(ckpt, steps, cfg.training.lr_scheduler, allow_config_change, say)
+        say(f"qtrain: resuming from {ckpt.path} (step {ckpt.step} of {steps})")
+    checkpoints = Checkpointer(out / "checkpoints", params, cfg.to_dict(), cfg.fingerprint(),
+                               cfg.training.save_every, cfg.training.keep_last, resume_from=ckpt, writer=main,
+                               say=say)
+    batches = Batches(train_set, cfg.training.micro_batch_size, cfg.training.seed, tokenizer.pad_token_id,
+                      rank=accelerator.process_index, world=accelerator.num_processes)
+    show_bar = cfg.logging.progress and sys.stderr.isatty() and main
+    logger = RunLogger(out, steps, enabled=main, console=not show_bar, tensorboard=cfg.logging.tensorboard)
+    every = cfg.training.eval_every
 
     def log(record: dict[str, Any]) -> None:
-        if metrics:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-        if main and not show_bar:
-            say(f"step {record['step']}/{steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                f"{record['tokens_per_s']:.0f} tok/s")
+        logger(record)
+        if every and eval_set is not None and record["step"] % every == 0:
+            ev = eval_loss(model, eval_set, cfg.training.micro_batch_size, tokenizer.pad_token_id,
+                           cfg.training.loss_chunk_size, accelerator.device)
+            if pairs and cfg.eval.during_training:
+                em = exact_match(model, tokenizer, pairs[:cfg.eval.during_training], cfg.eval.max_new_tokens,
+                                 accelerator.device)
+                ev.update(exact_match=em["exact_match"], samples=em["samples"][:3])
+            logger({"step": record["step"], **ev})
 
-    show_bar = cfg.logging.progress and sys.stderr.isatty() and main
     say(f"qtrain: training {steps} steps × {cfg.training.gradient_accumulation_steps} × "
         f"{cfg.training.micro_batch_size} examples")
-    result = train(model, groups, batches, cfg.training, steps, accelerator, log, progress=show_bar)
-    if metrics:
-        metrics.close()
+    try:
+        with stop_on_signals(say) as stop:
+            result = train(model, groups, batches, cfg.training, steps, accelerator, log, progress=show_bar,
+                           checkpoints=checkpoints, stop=stop)
+    finally:
+        logger.close()
+    if result.stopped:
+        say(f"qtrain: stopped after step {result.steps} of {steps}; checkpoint {result.checkpoint}")
+        return {"stopped": True, "steps": result.steps, "checkpoint": str(result.checkpoint)}
     model = accelerator.unwrap_model(model)
 
     summary: dict[str, Any] = {
@@ -155,13 +234,12 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
     if main:
         save_adapter(out / "adapter", methods, params, base_model=cfg.model.path)
         say(f"qtrain: adapter written to {out / 'adapter'}")
-    if eval_set is not None:
-        summary.update(eval_loss(model, eval_set, cfg.training.micro_batch_size, tokenizer.pad_token_id,
-                                 cfg.training.loss_chunk_size, accelerator.device))
-    if pairs:
-        results["trained"] = exact_match(model, tokenizer, pairs, cfg.eval.max_new_tokens, accelerator.device)
-    summary["exact_match"] = {k: v["exact_match"] for k, v in results.items()}
-    summary["samples"] = results.get("trained", {}).get("samples", [])
+    scores["trained"] = score(model)
+    summary.update({k: v for k, v in scores["trained"].items() if k.startswith("eval_")})
+    summary["exact_match"] = {k: v["exact_match"] for k, v in scores.items() if "exact_match" in v}
+    summary["samples"] = scores["trained"].get("samples", [])
+    summary["forgetting"] = {k: {m: v[m] for m in ("reference_perplexity", "eval_perplexity", "exact_match")
+                                 if m in v} for k, v in scores.items()}
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     summary["peak_mem_mb"] = round(peak_memory_bytes(accelerator.device) / 2**20, 1)
     if main:
@@ -172,4 +250,8 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
             say(f"qtrain: eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f})")
         for k, v in summary["exact_match"].items():
             say(f"qtrain: exact match on data.eval, {k}: {v:.1%}")
+        if "base" in scores:
+            say("qtrain: forgetting report (what training cost and gained):")
+            for line in forgetting_lines(summary["forgetting"]["base"], summary["forgetting"]["trained"]):
+                say(f"  {line}")
     return summary

@@ -3,8 +3,9 @@
 Each optimizer step takes `gradient_accumulation_steps` micro-batches, counts their target tokens (summed over
 processes), and back-propagates each micro-batch's loss *sum* divided by that count, so the step's gradient is
 the mean over all its target tokens however they were split (see `qtrain.numerics`). Then: clip, step the
-optimizer and the schedule, log. Accelerate supplies the device, autocast and data-parallel gradient sync; the
-loop never wraps itself in a Trainer.
+optimizer and the schedule, log, checkpoint (see `qtrain.checkpoint`: a resumed run equals the uninterrupted
+one bit for bit on CPU). A step whose loss or gradient is not finite is skipped, not applied. Accelerate
+supplies the device, autocast and data-parallel gradient sync; the loop never wraps itself in a Trainer.
 """
 
 from __future__ import annotations
@@ -15,21 +16,40 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
+from qtrain.checkpoint import Checkpointer, Progress
 from qtrain.config import TrainingSection
+from qtrain.errors import QTrainError
+from qtrain.methods import prepare_inputs
 from qtrain.numerics import count_targets, token_loss_sum
 from qtrain.quantization import make_optimizer_class
 
 
 def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Forward the decoder, then the summed next-token loss over the batch's target tokens."""
-    decoder = getattr(model, model.base_model_prefix)
-    out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return token_loss_sum(out[0], model.get_output_embeddings(), batch["labels"], chunk_size)
+    """Forward the model, then the summed next-token loss over the batch's target tokens.
+
+    The model's own forward runs (so a data-parallel wrapper prepares its gradient sync) with one logit kept
+    and the final hidden states returned; the loss then runs the head on target positions only, in chunks.
+    Keeping the layers' hidden states costs nothing extra: backward keeps them anyway.
+    """
+    inner = extract_model_from_parallel(model)
+    inputs = prepare_inputs(inner, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
+    labels = inputs.pop("labels")  # (B, T'): with IGNORE_INDEX on any positions the methods added
+    out = model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+    return token_loss_sum(out.hidden_states[-1], inner.get_output_embeddings(), labels, chunk_size)
+
+
+def mean_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, accelerator) -> torch.Tensor:
+    """One batch's mean token loss, on the accelerator's device and under its autocast (method calibration)."""
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    with accelerator.autocast():
+        return batch_loss_sum(model, batch, chunk_size) / max(1, count_targets(batch["labels"]))
 
 
 def accumulate_gradients(model: nn.Module, micro: list[dict[str, torch.Tensor]], accelerator,
@@ -82,12 +102,34 @@ class TrainResult:
     losses: list[float]
     seconds: float
     tokens: int
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    stopped: bool = False  # a stop was requested before the last step; a checkpoint holds the run so far
+    checkpoint: Path | None = None  # the newest checkpoint of the run
+
+
+class TrainingDiverged(QTrainError):
+    """`training.max_bad_steps` optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def grad_norm_of(params: list[nn.Parameter], max_norm: float | None, accelerator) -> float:
+    """The gradients' global L2 norm, after clipping them to `max_norm` when it is set."""
+    if max_norm:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    accelerator.unscale_gradients()  # a no-op unless fp16 loss scaling is on
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
 def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict[str, torch.Tensor]],
           cfg: TrainingSection, total_steps: int, accelerator, log: Callable[[dict[str, Any]], None],
-          progress: bool = False) -> TrainResult:
-    """Run `total_steps` optimizer steps on the parameters in `groups`; call `log` with each step's record."""
+          progress: bool = False, checkpoints: Checkpointer | None = None,
+          stop: Callable[[], bool] = lambda: False) -> TrainResult:
+    """Run optimizer steps up to `total_steps` on the parameters in `groups`; call `log` with each step's record.
+
+    With `checkpoints`, the loop first restores its resume point (weights, optimizer, data position, RNG), then
+    saves every `save_every` steps, after the last step, and when `stop()` turns true after a step (it then
+    returns early with `stopped`). A step whose loss or gradient is not finite is skipped (no update) and
+    counted; `max_bad_steps` of them in a row raise TrainingDiverged, leaving the last good checkpoint.
+    """
     from tqdm.auto import tqdm
 
     optimizer = accelerator.prepare_optimizer(make_optimizer(groups, cfg))
@@ -95,38 +137,65 @@ def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict
     params = [p for g in groups for p in g["params"]]
     accum = cfg.gradient_accumulation_steps
     device = accelerator.device
+    scaler = getattr(accelerator, "scaler", None)
+    done = checkpoints.restore(optimizer, batches, scaler) if checkpoints else Progress()
     model.train()
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-    losses: list[float] = []
-    start = last = time.perf_counter()
-    tokens_total = tokens_since = 0
-    for step in range(total_steps):
+    bar = tqdm(total=total_steps, initial=done.step, desc="train", unit="step", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    seconds_before, start = done.seconds, time.perf_counter()
+    last, tokens_since, bad_in_a_row, stopped = start, 0, 0, False
+    for step in range(done.step, total_steps):
         factor = lr_factor(step, cfg.warmup_steps, total_steps, cfg.lr_scheduler)
         for group, peak in zip(optimizer.param_groups, peak_lrs):
             group["lr"] = peak * factor
 
         micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accum)]
         loss, n_targets = accumulate_gradients(model, micro, accelerator, cfg.loss_chunk_size)
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-        optimizer.step()
+        grad_norm = grad_norm_of(params, cfg.max_grad_norm, accelerator)
+        # A non-finite step is skipped: no update, the optimizer state untouched. Under fp16 loss scaling an
+        # overflowing gradient is the scaler's to handle: its step skips the update and lowers the scale.
+        finite = math.isfinite(loss) and (math.isfinite(grad_norm) or scaler is not None)
+        if finite or scaler is not None:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        bad_in_a_row = 0 if finite else bad_in_a_row + 1
 
         step_tokens = int(sum(b["attention_mask"].sum() for b in micro)) * accelerator.num_processes
-        tokens_total += step_tokens
+        done.step, done.tokens, done.skipped = step + 1, done.tokens + step_tokens, done.skipped + (not finite)
+        done.losses.append(loss)
         tokens_since += step_tokens
-        losses.append(loss)
         bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps or not finite:
             now = time.perf_counter()
             record = {
-                "step": step + 1, "loss": round(loss, 6), "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+                "step": step + 1, "loss": round(loss, 6) if finite else None, "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else None,
                 "target_tokens": int(n_targets), "tokens_per_s": round(tokens_since / (now - last), 1),
-                "elapsed_s": round(now - start, 2), "peak_mem_mb": round(peak_memory_bytes(device) / 2**20, 1),
+                "elapsed_s": round(seconds_before + now - start, 2),
+                "peak_mem_mb": round(peak_memory_bytes(device) / 2**20, 1),
             }
+            if not finite:
+                record["skipped"] = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'}"
             last, tokens_since = now, 0
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=record["tokens_per_s"], mem=f"{record['peak_mem_mb']:.0f}M")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.1e}", tok_s=record["tokens_per_s"],
+                            mem=f"{record['peak_mem_mb']:.0f}M")
             log(record)
+        if bad_in_a_row >= cfg.max_bad_steps:
+            bar.close()
+            kept = checkpoints.last_saved if checkpoints else None
+            raise TrainingDiverged(
+                f"training.max_bad_steps: {bad_in_a_row} optimizer steps in a row (up to step {step + 1}) had a "
+                "non-finite loss or gradient and were skipped; stopping. "
+                + (f"The last good checkpoint is {kept}. " if kept else "No checkpoint was written. ")
+                + "Lower training.learning_rate or check the data, then start again (or --resume)")
+
+        stopped = stop() and step + 1 < total_steps
+        if checkpoints and not bad_in_a_row and (checkpoints.due(step + 1) or step + 1 == total_steps or stopped):
+            done.seconds = seconds_before + time.perf_counter() - start
+            checkpoints.save(done, optimizer, batches, total_steps, scaler)
+        if stopped:
+            break
     bar.close()
-    return TrainResult(steps=total_steps, losses=losses, seconds=time.perf_counter() - start, tokens=tokens_total)
+    return TrainResult(steps=done.step, losses=done.losses, seconds=seconds_before + time.perf_counter() - start,
+                       tokens=done.tokens, skipped=done.skipped, stopped=stopped,
+                       checkpoint=checkpoints.last_saved if checkpoints else None)

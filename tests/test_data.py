@@ -125,3 +125,13 @@ def test_batches_are_seeded_and_resumable():
     b = Batches(ds, 3, seed=1, pad_id=0, epoch=1, position=0)
     assert [next(b)["input_ids"][:, 0].tolist() for _ in range(2)] == seq[4:6]
     assert Batches(ds, 3, seed=2, pad_id=0).__next__()["input_ids"][:, 0].tolist() != seq[0]
+
+
+def test_processes_shard_one_global_stream():
+    ds = [{"input_ids": [i, i], "labels": [i, i]} for i in range(7)]
+    one = Batches(ds, 2, seed=3, pad_id=0)  # 4 micro-batches per epoch (the last holds one example)
+    stream = [next(one)["input_ids"][:, 0].tolist() for _ in range(10)]  # crosses two epoch boundaries
+    ranks = [Batches(ds, 2, seed=3, pad_id=0, rank=r, world=2) for r in (0, 1)]
+    sharded = [next(ranks[k % 2])["input_ids"][:, 0].tolist() for k in range(10)]
+    assert sharded == stream
+    assert ranks[0].state() == ranks[1].state() == one.state() == {"epoch": 2, "position": 2}

@@ -226,3 +226,14 @@ def test_real_unmergeable_methods_are_refused(exports, tiny_model_dir, tmp_path,
     with pytest.raises(QTrainError, match=f"method '{block['method']}' cannot be merged.*qtrain generate"):
         export(run, tmp_path / "out", say=lambda s: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bias_added_by_one_method_is_scaled_by_the_methods_after_it(exports, tiny_model_dir, tmp_path):
+    """BitFit adds k_proj biases; IA3 listed after it scales k_proj's output, bias included. The export must
+    fold IA3 into the added bias too, or it would not reproduce the trained model."""
+    train = exports[4][0].parent.parent / "dates.jsonl"
+    peft = [{"method": "bitfit", "target_modules": ["k_proj"]},
+            {"method": "ia3", "target_modules": ["k_proj", "down_proj"]}]
+    run = make_run(tmp_path, tiny_model_dir, train, bits="none", peft=peft)
+    report = export(run, tmp_path / "out", dtype="float32", say=lambda s: None)
+    assert report["passed"] is True and report["check"]["max_abs_logit_diff"] < 1e-4

@@ -59,3 +59,17 @@ def test_eval_mode_keeps_the_4bit_layout():
         eval_out = layer.eval()(x)
     assert torch.equal(layer.weight.data, before)
     assert torch.equal(train_out, eval_out)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_float_quant_storage_changes_nothing_but_the_dtype(storage):
+    # FSDP-QLoRA stores packed 4-bit values in a float dtype; the bytes and the product must not change.
+    torch.manual_seed(0)
+    dense = nn.Linear(128, 64, bias=False)
+    plain = quantize_linear(dense, QuantSpec(bits=4))
+    fsdp = quantize_linear(dense, QuantSpec(bits=4, quant_storage=storage))
+    assert fsdp.weight.dtype == storage
+    assert weight_nbytes(fsdp) == weight_nbytes(plain)
+    assert torch.equal(dequantized_weight(fsdp), dequantized_weight(plain))
+    x = torch.randn(3, 128)
+    assert torch.equal(fsdp(x), plain(x))

@@ -8,7 +8,7 @@ methods is applying several in order. `build_methods` maps config blocks to impl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 from qtrain.methods.blocks import METHOD_BLOCKS, Block
 
@@ -31,6 +31,11 @@ class Method:
     def attach(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Modify `model` in place; return the new trainable parameters by their full names in `model`."""
         raise AssertionError(f"{type(self).__name__} must implement attach")
+
+    def calibrate(self, model: nn.Module, batches: Iterator[dict[str, torch.Tensor]],
+                  loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]) -> None:
+        """After every method is attached and before training: look at a few training batches (`loss_fn(model,
+        batch)` is the mean token loss) to initialise data-dependent state, e.g. a sparse mask. No-op here."""
 
     def param_groups(self, params: dict[str, nn.Parameter], lr: float) -> list[dict[str, Any]]:
         """Optimizer groups for this method's parameters (one group by default)."""
@@ -57,10 +62,46 @@ class Method:
         """Undo `attach`: the base modules are put back unchanged."""
         raise AssertionError(f"{type(self).__name__} must implement detach")
 
+    def to_file(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename/derive the tensors written to adapter_model.safetensors (default: `base_model.model.` + each
+        parameter's name), where peft's file layout differs; `from_file` is the inverse."""
+        return tensors
+
+    def from_file(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return tensors
+
+    def describe(self) -> str:
+        """A line for the run log about what `attach` did beyond adding parameters (empty: nothing to say)."""
+        return ""
+
+
+def prepare_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword inputs of one decoder forward or `generate` call (`input_ids`, `attention_mask`, and `labels`
+    when training), as the methods attached to `model` need them; unchanged when none changes the inputs.
+
+    Methods that add positions (prompt tuning's virtual tokens) or state (prefix tuning's key/value prefix)
+    insert a module into the model that defines `rewrite_inputs(inputs) -> inputs`. Finding those in the model,
+    rather than in a list of methods, means whoever holds the model (training, evaluation, generation, a
+    loaded adapter) sees the same sequence, and the model itself stays a plain transformers model.
+    """
+    for module in model.modules():
+        rewrite = getattr(module, "rewrite_inputs", None)
+        if rewrite is not None:
+            inputs = rewrite(inputs)
+    return inputs
+
 
 def build_methods(blocks: list[Block]) -> list[Method]:
+    from qtrain.methods.bitfit import BitFit
+    from qtrain.methods.ia3 import IA3
     from qtrain.methods.lora import LoRA
+    from qtrain.methods.sparse import Sparse
+    from qtrain.methods.adapters import Adapter
+    from qtrain.methods.prompt import PrefixTuning, PromptTuning
+    from qtrain.methods.unfreeze import Unfreeze
 
-    registry: dict[str, type[Method]] = {"lora": LoRA}
+    registry: dict[str, type[Method]] = {"lora": LoRA, "ia3": IA3, "bitfit": BitFit, "sparse": Sparse,
+                                         "adapter": Adapter, "prompt_tuning": PromptTuning,
+                                         "prefix_tuning": PrefixTuning, "unfreeze": Unfreeze}
     assert set(registry) == set(METHOD_BLOCKS), "every config block needs an implementation"
     return [registry[block.method](block) for block in blocks]

@@ -1,9 +1,18 @@
-"""LoRA: a trainable low-rank update B·A beside a frozen linear layer of any storage (plain, 4-bit, 8-bit).
+"""LoRA and its variants: a trainable low-rank update B·A beside a frozen linear of any storage (plain, 4/8-bit).
 
 `LoRALinear(base)` holds the base layer and returns `base(x) + scaling · B(A(dropout(x)))`. B starts at zero,
 so the wrapped model equals the base at step 0. A and B are float32 master weights whatever the base stores;
-under autocast their matmuls run in the compute dtype. The parameter names (`lora_A.weight`, `lora_B.weight`
-under the wrapped module's path) are peft's, so saved files load in peft unchanged.
+under autocast their matmuls run in the compute dtype. The parameter names (`lora_A.weight`, `lora_B.weight`,
+DoRA's `lora_magnitude_vector` under the wrapped module's path) are peft's, so saved files load in peft.
+
+Variants (options in `LoRABlock`): rsLoRA changes the scale; rank/alpha patterns give each module its own r and
+alpha by peft's matching rule; LoRA+ gives B its own learning rate through `param_groups`; DoRA adds a
+magnitude m (out,) and computes, like peft,
+
+    out = base(x) + (m/n − 1) · (W·x) + (m/n) · scaling · B·A·x,   n = ‖W + scaling·B·A‖_row (no gradient)
+
+which equals m · (W + ΔW)/n applied to x, plus the base bias. W is the base's dequantized weight, so DoRA works
+on 4-bit and 8-bit bases; the price is one dequantization per forward. At init m = n, so step 0 is the base.
 """
 
 from __future__ import annotations
@@ -12,89 +21,123 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from qtrain.methods import Method
+from qtrain.arch import pattern_key
+from qtrain.errors import QTrainError
 from qtrain.methods.blocks import LoRABlock
-from qtrain.numerics import lora_delta_weight, lora_scaling
-from qtrain.surgery import linear_names, replace_modules, select_linears
+from qtrain.methods.wrapping import LinearWrapper, WrappingMethod
+from qtrain.numerics import dora_merged_weight, dora_weight_norm, lora_delta_weight, lora_scaling
+from qtrain.quantization import dequantized_weight, is_linear
+from qtrain.surgery import portable_targets
 
 
-class LoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
-        super().__init__()
-        self.base_layer = base_layer
-        device = base_layer.weight.device
+class LoRALinear(LinearWrapper):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 dora: bool = False):
+        super().__init__(base_layer)
+        device = self.base_device
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's default init for A
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = lora_scaling(alpha, r, rslora)
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if dora:
+            assert is_linear(base_layer), "DoRA needs the weight of the layer it wraps"
+            with torch.no_grad():  # m starts at the row norms the forward divides by, so m/n = 1 exactly
+                norm = dora_weight_norm(dequantized_weight(base_layer, torch.float32), self.delta_weight())
+            self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
 
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B @ A, (out, in) float32."""
+        return lora_delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (..., out)
         h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        return out + (self.lora_B(self.lora_A(h)) * self.scaling).to(out.dtype)  # A: (..., r), B: (..., out)
+        update = self.lora_B(self.lora_A(h)) * self.scaling  # A: (..., r), B: (..., out)
+        if self.lora_magnitude_vector is not None:
+            update = self._dora_update(x, h, out, update)
+        return out + update.to(out.dtype)
+
+    def _dora_update(self, x: torch.Tensor, h: torch.Tensor, out: torch.Tensor,
+                     update: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # the norm is a constant in backward (DoRA, section 4.3)
+            weight = dequantized_weight(self.base_layer, torch.float32)  # (out, in)
+            norm = dora_weight_norm(weight, self.delta_weight())  # (out,)
+        scale = self.lora_magnitude_vector / norm  # (out,); m receives the gradient
+        if h is x or not self.training or isinstance(self.lora_dropout, nn.Identity):
+            bias = self.base_layer.bias
+            base = out.float() if bias is None else out.float() - bias.float()  # W·x, reused from the base
+        else:
+            base = F.linear(h, weight)  # with dropout, peft rescales the dropped-out input's base path
+        return (scale - 1) * base + scale * update
+
+    def merged(self, kind: str, tensor: torch.Tensor) -> torch.Tensor:
+        if kind != "weight":
+            return tensor  # DoRA rescales W·x only; the bias passes through unchanged
+        delta = self.delta_weight().detach().to(tensor.device)
+        if self.lora_magnitude_vector is None:
+            return tensor + delta
+        return dora_merged_weight(tensor, delta, self.lora_magnitude_vector.detach().to(tensor.device))
 
 
-class LoRA(Method):
+class LoRA(WrappingMethod):
     name = "lora"
     peft_type = "LORA"
-    mergeable = True
+    wrapper = LoRALinear
 
     def __init__(self, block: LoRABlock):
         super().__init__(block)
-        self.targets: list[str] = []
-        self._short_names: list[str] = []
-        self._wrappers: dict[str, LoRALinear] = {}
+        self._peft_targets: list[str] | str = block.target_modules
 
     def attach(self, model: nn.Module) -> dict[str, nn.Parameter]:
         b: LoRABlock = self.block
-        self.targets = select_linears(model, b.target_modules, "peft.lora.target_modules")
-        all_linear = linear_names(model)
-        short = sorted({n.rsplit(".", 1)[-1] for n in self.targets})
-        # Portable configs list module names; keep the user's regex only when names would select more.
-        same = {n for n in all_linear if n.rsplit(".", 1)[-1] in short} == set(self.targets)
-        self._short_names = short if same else []
-        replace_modules(model, self.targets,
-                        lambda _, m: LoRALinear(m, b.r, b.alpha, b.dropout, b.rslora))
+        self.select(model)
+        self._check_targets(model)
+        self._peft_targets = portable_targets(model, self.targets, b.target_modules)
+        wrappers = self.wrap(model, lambda name, m: LoRALinear(
+            m, b.rank_for(name), b.alpha_for(name), b.dropout, b.rslora, b.dora))
         params: dict[str, nn.Parameter] = {}
-        for name in self.targets:
-            wrapper = self._wrappers[name] = model.get_submodule(name)
+        for name, wrapper in wrappers.items():
             params[f"{name}.lora_A.weight"] = wrapper.lora_A.weight
             params[f"{name}.lora_B.weight"] = wrapper.lora_B.weight
+            if wrapper.lora_magnitude_vector is not None:
+                params[f"{name}.lora_magnitude_vector"] = wrapper.lora_magnitude_vector
         return params
 
-    def detach(self, model: nn.Module) -> None:
-        replace_modules(model, self.targets, lambda _, m: m.base_layer)
-        self._wrappers = {}
+    def _check_targets(self, model: nn.Module) -> None:
+        b: LoRABlock = self.block
+        for key, pattern in (("rank_pattern", b.rank_pattern), ("alpha_pattern", b.alpha_pattern)):
+            for k in pattern:
+                if not any(pattern_key({k: None}, n) for n in self.targets):
+                    raise QTrainError(f"peft.lora.{key}: {k!r} matches none of the targeted modules "
+                                      f"(e.g. {self.targets[0]}); use a module name suffix or a regex over them")
+        for name in self.targets:
+            if b.dora and not is_linear(model.get_submodule(name)):
+                raise QTrainError(f"peft.lora.dora: {name} is already wrapped by an earlier method; DoRA needs the "
+                                  "layer's own weight, so list the lora block first in `peft`")
 
-    def merged_tensor(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        module, _, kind = key.rpartition(".")
-        wrapper = self._wrappers.get(module)
-        if wrapper is None or kind != "weight":
-            return tensor
-        delta = lora_delta_weight(wrapper.lora_A.weight.detach().to(tensor.device, torch.float32),
-                                  wrapper.lora_B.weight.detach().to(tensor.device, torch.float32), wrapper.scaling)
-        return (tensor.to(torch.float32) + delta).to(tensor.dtype)
+    def param_groups(self, params: dict[str, nn.Parameter], lr: float) -> list[dict[str, Any]]:
+        ratio = self.block.lr_ratio_b
+        if ratio is None:
+            return super().param_groups(params, lr)
+        # LoRA+: B (and, as in peft's LoRA+ optimizer, the 1-D DoRA magnitudes) learn `ratio` times faster.
+        slow = {id(w.lora_A.weight) for w in self._wrappers.values()}
+        return [{"params": [p for p in params.values() if id(p) in slow], "lr": lr},
+                {"params": [p for p in params.values() if id(p) not in slow], "lr": lr * ratio}]
 
     def adapter_config(self, base_model: str) -> dict[str, Any]:
         b: LoRABlock = self.block
         return {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "r": b.r, "lora_alpha": b.alpha, "lora_dropout": b.dropout,
-            "target_modules": self._short_names or b.target_modules,
-            "use_rslora": b.rslora, "use_dora": False, "bias": "none", "fan_in_fan_out": False,
+            "target_modules": self._peft_targets,
+            "use_rslora": b.rslora, "use_dora": b.dora, "bias": "none", "fan_in_fan_out": False,
             "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
-            "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
-            "revision": None,
+            "rank_pattern": dict(b.rank_pattern), "alpha_pattern": dict(b.alpha_pattern),
+            "layers_to_transform": None, "layers_pattern": None, "revision": None,
         }

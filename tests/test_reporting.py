@@ -1,0 +1,110 @@
+"""Everyday-use outputs: data preview with visible loss masks, length statistics, the run report (PNG + Markdown),
+and the forgetting report (base vs trained on the task and on a general reference text)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from qtrain.config import load_config
+from qtrain.evaluate import forgetting_lines, reference_perplexity, reference_text
+from qtrain.preview import length_stats, mark_trained, preview
+from conftest import make_tokenizer, write_config
+
+
+def test_mark_trained_brackets_exactly_the_loss_carrying_tokens():
+    tok = make_tokenizer()
+    prompt = tok("Rewrite: March 3", add_special_tokens=False)["input_ids"]
+    answer = tok("2021-03-03", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    text = mark_trained(tok, prompt + answer, [-100] * len(prompt) + answer, color=False)
+    assert text == "Rewrite: March 3[[2021-03-03<|im_end|>]]"
+
+
+def test_length_stats_count_what_max_seq_len_cuts():
+    s = length_stats([10, 20, 30, 40, 100], max_len=35)
+    assert (s["min"], s["max"], s["p50"], s["over_max_seq_len"]) == (10, 100, 30, 2)
+    assert s["mean"] == 40.0
+
+
+def test_preview_of_a_config(tiny_model_dir, dates_file, tmp_path):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file))
+    text = preview(cfg, show=2, color=False)
+    assert text.count("--- example") == 2
+    assert "<|im_start|>assistant\n[[2021-03-03<|im_end|>\n]]" in text  # first row, answer and end of turn marked
+    assert "0 of 8 exceed data.max_seq_len=64" in text
+    cut = preview(cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_seq_len": 46})}), 0, False)
+    # lengths are measured before truncation (45-52 tokens here): the count matches what truncation reports
+    assert "7 of 8 exceed data.max_seq_len=46" in cut and "7 truncated to max_seq_len" in cut
+
+
+def test_reference_perplexity_is_exp_of_the_mean_token_loss(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    text = reference_text()[:300]
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        expected = math.exp(model(ids, labels=ids).loss.item())  # transformers' own mean next-token CE
+    assert reference_perplexity(model, tok, torch.device("cpu"), text=text, window=1024) == pytest.approx(expected,
+                                                                                                     rel=1e-4)
+
+
+def test_forgetting_lines_show_change():
+    lines = forgetting_lines({"reference_perplexity": 10.0, "exact_match": 0.0},
+                             {"reference_perplexity": 11.0, "exact_match": 0.9})
+    assert lines[0] == "general-text perplexity (lower is better): base 10.000 → trained 11.000 (+10.0%)"
+    assert lines[1].startswith("task exact match on data.eval (higher is better): base 0.0% → trained 90.0%")
+
+
+def test_run_eval_and_report(tiny_model_dir, dates_file, tmp_path):
+    from qtrain.evaluate import evaluate_run
+    from qtrain.report import write_report
+    from qtrain.run import run
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file, data={"eval": str(dates_file)},
+                                   training={"max_steps": 6}))
+    summary = run(cfg)
+    forgetting = summary["forgetting"]
+    assert set(forgetting) == {"base", "trained"}
+    assert forgetting["trained"]["eval_perplexity"] < forgetting["base"]["eval_perplexity"]  # it learned the task
+    assert forgetting["base"]["reference_perplexity"] != forgetting["trained"]["reference_perplexity"]
+
+    report = evaluate_run(cfg.output.dir)  # a fresh load of base and adapter reproduces the run's own numbers
+    assert report["trained"]["eval_perplexity"] == pytest.approx(forgetting["trained"]["eval_perplexity"], rel=1e-5)
+    assert report["base"]["reference_perplexity"] == pytest.approx(forgetting["base"]["reference_perplexity"],
+                                                                   rel=1e-5)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["lines"] == report["lines"]
+
+    png, md = write_report(cfg.output.dir)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    text = md.read_text()
+    assert "| steps | 6 |" in text and "## Forgetting report" in text
+
+
+def test_eval_every_logs_eval_records_and_tensorboard(tiny_model_dir, dates_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    from qtrain.run import run
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file,
+                                   data={"eval_fraction": 0.25},
+                                   training={"max_steps": 4, "eval_every": 2, "micro_batch_size": 2},
+                                   logging={"progress": False, "tensorboard": True}))
+    run(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals)
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 100
+
+
+def test_eval_every_must_fall_on_logged_steps():
+    from qtrain.config import validate_config
+    from qtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval_every .* multiple of training.log_every"):
+        validate_config({"peft": [{"method": "lora"}], "data": {"train": "x"},
+                         "training": {"eval_every": 3, "log_every": 2}})
