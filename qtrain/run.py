@@ -205,10 +205,11 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     def log(record: dict[str, Any]) -> None:
         logger(record)
         if every and eval_set is not None and record["step"] % every == 0:
-            ev = eval_loss(model, eval_set, cfg.training.micro_batch_size, tokenizer.pad_token_id,
+            bare = accelerator.unwrap_model(model)  # a data-parallel wrapper has no generate()
+            ev = eval_loss(bare, eval_set, cfg.training.micro_batch_size, tokenizer.pad_token_id,
                            cfg.training.loss_chunk_size, accelerator.device)
             if pairs and cfg.eval.during_training:
-                em = exact_match(model, tokenizer, pairs[:cfg.eval.during_training], cfg.eval.max_new_tokens,
+                em = exact_match(bare, tokenizer, pairs[:cfg.eval.during_training], cfg.eval.max_new_tokens,
                                  accelerator.device)
                 ev.update(exact_match=em["exact_match"], samples=em["samples"][:3])
             logger({"step": record["step"], **ev})
