@@ -243,9 +243,8 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "data": _data, "eval": _eval, "report": _report, "plan": _plan}
-COMMANDS.update({"export": _export, "merge-adapters": _merge_adapters, "generate": _generate, "chat": _chat,
-                 "inspect": _inspect})
+COMMANDS = {"run": _run, "plan": _plan, "data": _data, "eval": _eval, "report": _report, "export": _export,
+            "merge-adapters": _merge_adapters, "generate": _generate, "chat": _chat, "inspect": _inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
