@@ -86,6 +86,9 @@ class DataSection(Section):
     """Compute the loss on the prompt too (default: responses only, end-of-turn token included)."""
     eval_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
     """Without `data.eval`: hold out this fraction of `data.train` (seeded) for eval loss and perplexity."""
+    packing: bool = False
+    """Pack short training examples into rows of up to `max_seq_len` tokens (no example attends to another;
+    positions restart per example), so less compute goes to padding; `micro_batch_size` then counts rows."""
 
 
 class EvalSection(Section):
@@ -124,7 +127,7 @@ class TrainingSection(Section):
     log_every: PositiveInt = 1
     eval_every: PositiveInt | None = None
     """Every N optimizer steps: eval loss/perplexity on the eval data (and exact match, see eval.during_training)."""
-    loss_chunk_size: PositiveInt = 512
+    loss_chunk_size: PositiveInt = 256
     """Target tokens per chunk of the output projection + cross-entropy (never the full logits at once)."""
     save_every: PositiveInt | None = 100
     """Write a checkpoint every this many optimizer steps (null: only at the end and on SIGINT/SIGTERM)."""
@@ -192,6 +195,17 @@ class RunConfig(Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _packing_needs_plain_inputs(self) -> "RunConfig":
+        rewriting = [b.method for b in self.peft if b.rewrites_inputs]
+        if self.data.packing and rewriting:
+            raise ValueError(
+                f"data.packing: true cannot be combined with peft method {rewriting[0]}: it prepends virtual "
+                "tokens or a key/value prefix to each input row, and a packed row holds several examples that "
+                "would not each get them; set data.packing: false, or use a method that leaves the inputs alone "
+                "(e.g. lora)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -320,6 +334,7 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         return f"{key}: {value!r} is not allowed; expected {expected}"
-    if kind == "value_error":
-        return f"{key}: {str(err['msg']).removeprefix('Value error, ')}"
+    if kind == "value_error":  # a check across sections (empty `loc`) names its keys itself
+        msg = str(err['msg']).removeprefix('Value error, ')
+        return f"{key}: {msg}" if loc else msg
     return f"{key}: {err['msg'].lower()}, got {value!r}"

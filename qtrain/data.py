@@ -13,10 +13,18 @@ equal to EOS cannot hide a real EOS label.
 
 The batch order is a seeded permutation per epoch, addressed by (epoch, position): resuming restores the
 position instead of replaying batches.
+
+Packing (`data.packing`) concatenates short examples into rows of at most `max_seq_len` tokens, once, before
+batching (best-fit decreasing, so the packing depends only on the data and is the same on resume and on every
+process). Each row carries `position_ids` that restart at 0 with every example, and the model gets no 2D
+attention mask: transformers then finds the restarts and builds a block-diagonal causal mask, so no example
+sees another. Each example's first label is dropped, because in a row it would be predicted from the previous
+example's last token; unpacked it is never predicted either, so the loss of every example is unchanged.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from dataclasses import dataclass, field
@@ -294,21 +302,88 @@ def prepare(path: str, cfg: DataSection, tokenizer, key: str) -> tuple[Any, Data
     return encoded, stats
 
 
+# ------------------------------------------------------------------------------------------------ packing
+
+
+@dataclass
+class PackStats:
+    examples: int
+    rows: int
+    max_len: int
+    tokens: int
+
+    def line(self) -> str:
+        filled = self.tokens / (self.rows * self.max_len)
+        return (f"packed {self.examples} examples into {self.rows} rows of ≤{self.max_len} tokens, "
+                f"{filled:.0%} filled")
+
+
+def pack_rows(lengths: list[int], max_len: int) -> list[list[int]]:
+    """Group example indices into rows of at most `max_len` tokens, by best-fit decreasing.
+
+    Longest first, each example goes into the row with the least room that still fits it (a new row when none
+    does): never more than about 11/9 of the fewest possible rows, and deterministic. Rows with room left are
+    kept in a list sorted by room, so each placement is a binary search.
+    """
+    assert all(0 < n <= max_len for n in lengths), "examples are truncated to max_len before packing"
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens still free, row index), ascending
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        at = bisect.bisect_left(room, (n, -1))
+        if at < len(room):
+            free, r = room.pop(at)
+        else:
+            free, r = max_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if free > n:
+            bisect.insort(room, (free - n, r))
+    return rows
+
+
+def pack(dataset, max_len: int) -> tuple[Any, PackStats]:
+    """The examples of `dataset` packed into rows of ≤ `max_len` tokens with `position_ids` restarting at 0 per
+    example, and each example's first label dropped (it would be predicted across the boundary)."""
+    import datasets
+
+    ids, labels = list(dataset["input_ids"]), list(dataset["labels"])  # lists: indexing a Column is slow
+    out: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for row in pack_rows([len(x) for x in ids], max_len):
+        out["input_ids"].append([t for i in row for t in ids[i]])
+        out["labels"].append([t for i in row for t in [IGNORE_INDEX] + labels[i][1:]])
+        out["position_ids"].append([p for i in row for p in range(len(ids[i]))])
+    stats = PackStats(examples=len(ids), rows=len(out["input_ids"]), max_len=max_len,
+                      tokens=sum(map(len, ids)))
+    return datasets.Dataset.from_dict(out), stats
+
+
 # ------------------------------------------------------------------------------------------------ batching
 
 
 def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding gets attention 0 and label IGNORE_INDEX."""
+    """Right-pad to the longest example; padding gets attention 0 and label IGNORE_INDEX.
+
+    Packed rows also carry `position_ids`; their padding gets a position run of its own (0, 1, ...), so it is
+    one more sequence that attends only to itself. `attention_mask` still marks the real tokens (for counting),
+    but is not given to the model with packed rows (see `qtrain.train.model_inputs`).
+    """
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = "position_ids" in examples[0]
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[i, :n] = torch.tensor(e["input_ids"])
         labels[i, :n] = torch.tensor(e["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if packed:
+            positions[i, :n] = torch.tensor(e["position_ids"])
+            positions[i, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return {**batch, "position_ids": positions} if packed else batch
 
 
 @dataclass

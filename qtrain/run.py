@@ -103,7 +103,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     from qtrain.adapter_io import save_adapter
     from qtrain.arch import Arch
     from qtrain.checkpoint import Checkpointer, check_resumable, check_same_length, resume_point, stop_on_signals
-    from qtrain.data import Batches, prepare
+    from qtrain.data import Batches, pack, prepare
     from qtrain.evaluate import eval_loss, exact_match, forgetting_lines, reference_pairs, score_model
     from qtrain.logs import RunLogger
     from qtrain.methods import build_methods
@@ -138,6 +138,9 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         train_set, eval_set = split["train"], split["test"]
         say(f"qtrain: holding out {len(eval_set)} of {stats.examples} training examples for evaluation "
             "(data.eval_fraction)")
+    if cfg.data.packing:  # after the eval split: evaluation stays one example per row
+        train_set, packing = pack(train_set, cfg.data.max_seq_len)
+        say(f"qtrain: data.train: {packing.line()}")
 
     arch = Arch.from_path(model_path)
     cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say)
@@ -215,7 +218,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
             logger({"step": record["step"], **ev})
 
     say(f"qtrain: training {steps} steps × {cfg.training.gradient_accumulation_steps} × "
-        f"{cfg.training.micro_batch_size} examples")
+        f"{cfg.training.micro_batch_size} {'packed rows' if cfg.data.packing else 'examples'}")
     try:
         with stop_on_signals(say) as stop:
             result = train(model, groups, batches, cfg.training, steps, accelerator, log, progress=show_bar,

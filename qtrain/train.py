@@ -31,6 +31,16 @@ from qtrain.numerics import count_targets, token_loss_sum
 from qtrain.quantization import make_optimizer_class
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model is given of a batch. Packed rows (see `qtrain.data.pack`) go in with their position_ids
+    and without the 2D attention mask: transformers builds the block-diagonal causal mask from the position
+    restarts only when no 2D mask and no key/value cache is given (the forward passes use_cache=False); with
+    either, the examples of a row would attend to each other."""
+    keys = ("input_ids", "position_ids", "labels") if "position_ids" in batch else \
+        ("input_ids", "attention_mask", "labels")
+    return {k: batch[k] for k in keys}
+
+
 def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
     """Forward the model, then the summed next-token loss over the batch's target tokens.
 
@@ -39,7 +49,7 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     Keeping the layers' hidden states costs nothing extra: backward keeps them anyway.
     """
     inner = extract_model_from_parallel(model)
-    inputs = prepare_inputs(inner, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
+    inputs = prepare_inputs(inner, model_inputs(batch))
     labels = inputs.pop("labels")  # (B, T'): with IGNORE_INDEX on any positions the methods added
     out = model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=True)
     return token_loss_sum(out.hidden_states[-1], inner.get_output_embeddings(), labels, chunk_size)
@@ -87,7 +97,12 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
 
 def make_optimizer(groups: list[dict[str, Any]], cfg: TrainingSection) -> torch.optim.Optimizer:
     cls = make_optimizer_class(cfg.optimizer)
-    return cls(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    extra = {}
+    if cls is torch.optim.AdamW:  # one fused kernel over all tensors, not ~12 small ops per parameter
+        extra["fused"] = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                             for g in groups for p in g["params"])
+    return cls(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+               **extra)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -39,6 +39,8 @@ def targeted(arch: Arch, targets: list[str] | str) -> dict[str, tuple[int, int]]
 
 class Block(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    rewrites_inputs: ClassVar[bool] = False
+    """Whether the method changes every input row (virtual tokens, a key/value prefix): no `data.packing`."""
 
     def trainable_parameters(self, arch: Arch) -> int:
         """The closed-form count of parameters this method trains on a model of shape `arch`."""
@@ -222,6 +224,7 @@ class PromptTuningBlock(Block):
     """
 
     method: Literal["prompt_tuning"]
+    rewrites_inputs: ClassVar[bool] = True
     num_virtual_tokens: Annotated[int, Field(gt=0)] = 20
     init_text: str | None = None
 
@@ -250,6 +253,7 @@ class PrefixTuningBlock(Block):
     """
 
     method: Literal["prefix_tuning"]
+    rewrites_inputs: ClassVar[bool] = True
     num_virtual_tokens: Annotated[int, Field(gt=0)] = 20
     init_text: str | None = None
     projection: bool = False
