@@ -8,7 +8,8 @@ and attention output (repeat_kv copies when a padding mask is present), the MLP'
 LoRA's input (shared when fp32, one copy per wrapper under 16-bit autocast or dropout) and rank-r intermediate.
 With checkpointing only each layer's input survives (plus the inputs bnb's 8-bit matmul holds outside autograd's
 saved tensors), and one layer is recomputed in backward. The loss never builds the full logits: the output head runs on target positions
-in checkpointed chunks of `training.loss_chunk_size`, so the logits term is one chunk's softmax and gradient.
+in chunks of `training.loss_chunk_size`, each chunk's gradient made in forward over its own logits, so the
+logits term is one chunk of fp32 logits.
 bnb dequantizes one weight per linear call, so one dense weight is scratch. The peak is the larger of the
 backward phase (saved activations + the biggest transient) and the optimizer step.
 
@@ -59,7 +60,7 @@ class Setup:
     checkpointing: bool = True
     optimizer: str = "adamw"
     attention: str = "sdpa"
-    loss_chunk: int = 512
+    loss_chunk: int = 256
     device: str = "cuda"
 
     @property
@@ -166,9 +167,10 @@ def _layer_saved_per_token(s: Setup, layer: int) -> float:
             total += sum(ranks) * e  # A's output, saved by B
             dropout = getattr(b, "dropout", 0) > 0
             total += hit * size[group] * dropout  # dropout's bool mask
-            # A saves its own input: shared by all wrappers for an fp32 input without dropout; otherwise a new
-            # tensor per wrapper (the dropped-out input, or autocast's 16-bit copy of the fp32 upcast)
-            if e == 4 and not dropout:
+            # A saves its own input: shared by all wrappers without dropout when fp32 or when LoRA's fused path
+            # runs (it casts nothing); otherwise a new tensor per wrapper (the dropped-out input, or autocast's
+            # 16-bit copy of the fp32 upcast in the composed path)
+            if (e == 4 or _fused_lora(b)) and not dropout:
                 shared = max(shared, min(hit, 1))
             else:
                 copies += hit
@@ -176,6 +178,27 @@ def _layer_saved_per_token(s: Setup, layer: int) -> float:
             shared = 1
         total += size[group] * e * (shared + copies)
     return total
+
+
+def _fused_lora(block: Any) -> bool:
+    """Does this block train through `LoRAFunction` (plain LoRA, not DoRA)? Its linears bypass bnb's matmul."""
+    return getattr(block, "method", None) == "lora" and not getattr(block, "dora", False)
+
+
+def _bnb8_kept_per_token(s: Setup) -> float:
+    """Bytes per token bnb's 8-bit matmul holds as a plain ctx attribute, which a checkpoint's saved-tensor
+    hooks never see: the input of each linear group that some layer runs through bnb's matmul in training
+    (one not wrapped by a fused LoRA). Measured: -15% without this term when every linear went through bnb."""
+    if s.bits != 8:
+        return 0.0
+    size = {"attn_in": s.arch.hidden, "o_in": s.arch.heads * s.arch.head_dim, "mlp_in": s.arch.hidden,
+            "down_in": s.arch.intermediate}
+    fused: set[str] = set()
+    for b, chosen in zip(s.blocks, _layout(s)[1]):
+        if chosen and _fused_lora(b):
+            fused |= set(chosen)
+    return sum(size[g] for g, names in GROUPS.items()
+               if any(f"model.layers.0.{n}" not in fused for n in names)) * s.compute_bytes
 
 
 def _layer_transient_per_token(s: Setup) -> float:
@@ -216,17 +239,15 @@ def estimate(s: Setup) -> Estimate:
     shared = 2 * s.micro_batch * s.tokens * a.head_dim * e + mask  # rotary cos/sin, attention mask
     shared += n_tok * a.hidden * 4 + targets * a.hidden * e  # final norm's fp32 input; the gathered targets
     per_layer = [_layer_saved_per_token(s, i) * n_tok for i in range(a.layers)]
-    # Checkpointing keeps each layer's input, and what bnb's 8-bit matmul holds as a plain ctx attribute, which
-    # the checkpoint's saved-tensor hooks never see: the inputs of the four linear groups (measured: -15% without)
-    kept_8bit = (2 * a.hidden + a.heads * a.head_dim + a.intermediate) * e if s.bits == 8 else 0
-    layer, layer_ckpt = max(per_layer), n_tok * (a.hidden * e + kept_8bit)
+    # Checkpointing keeps each layer's input, and what bnb's 8-bit matmul holds outside autograd's saved tensors
+    layer, layer_ckpt = max(per_layer), n_tok * (a.hidden * e + _bnb8_kept_per_token(s))
     saved = shared + (a.layers * layer_ckpt if s.checkpointing else sum(per_layer))
     recompute = layer if s.checkpointing else 0  # the one layer re-run during its backward
     layer_ws = recompute + _layer_transient_per_token(s) * n_tok
     scratch = big * (s.checkpoint_bytes + (e if e != s.checkpoint_bytes else 0)) if s.bits else 0
-    # one loss chunk in backward, recomputed: the fp32 log-softmax, its gradient and the logits' gradient (the
-    # 16-bit logits die once upcast; measured 11.2-11.5 bytes per logit in fp32 and under bf16 autocast)
-    loss_ws = chunk * a.vocab * 12 + n_tok * a.hidden * e
+    # one loss chunk (numerics.HeadCrossEntropy): fp32 logits turned into their gradient in place, plus its
+    # 16-bit copy for the matmul under 16-bit compute; the targets' hidden states and their gradient
+    loss_ws = chunk * a.vocab * (4 + (e if e < 4 else 0)) + n_tok * a.hidden * e + targets * a.hidden * e
     overhead = CUDA_CONTEXT if s.device == "cuda" else CPU_RUNTIME
 
     comp = {"quantized_weights": quant, "other_weights": other, "trainable_params": trainable,

@@ -5,8 +5,13 @@ Training, evaluation, export and the benchmarks all call these, so a change here
 Loss. `token_loss_sum` returns the *sum* of next-token cross-entropies over target positions. The training loop
 divides by the number of target tokens in the whole optimizer step (all micro-batches, all processes), so a
 step's gradient is the mean over its tokens no matter how they are split into micro-batches. Only target
-positions reach the output head, and the head runs on chunks of them under activation checkpointing: the full
-(tokens × vocab) fp32 logits never exist, which is most of a naive trainer's peak on small models.
+positions reach the output head, a chunk of them at a time: the full (tokens × vocab) fp32 logits never exist,
+which is most of a naive trainer's peak on small models. For a plain linear head (every causal LM's) the head
+and the cross-entropy are one autograd function, `HeadCrossEntropy`, that computes each chunk's gradient in the
+forward pass, while its logits exist anyway: softmax − one-hot, written over the logits in place, times the
+head weight. Backward then only scales the stored (N, H) gradient by the incoming scalar, so the head runs once
+per step (a checkpointed chunk would run it twice) and one chunk's logits are the whole working set. Any other
+head (a wrapped or custom one) takes the generic path: each chunk through autograd under checkpointing.
 """
 
 from __future__ import annotations
@@ -57,18 +62,76 @@ def _chunk_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) 
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+class HeadCrossEntropy(torch.autograd.Function):
+    """Σ cross_entropy(h @ Wᵀ + b, targets) over N positions, chunk by chunk; the gradient is made in forward.
+
+    h: (N, H) in the compute dtype, weight: (V, H), bias: (V,) or None, targets: (N,). The logits are float32
+    (the matmul runs in `dtype`), as the generic path's `.float()` makes them.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_size: int, dtype: torch.dtype):
+        with torch.autocast(h.device.type, enabled=False):  # dtypes are explicit here
+            return HeadCrossEntropy._forward(ctx, h, weight, bias, targets, chunk_size, dtype)
+
+    @staticmethod
+    def _forward(ctx, h, weight, bias, targets, chunk_size, dtype):
+        need_h, need_w = h.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            hc, tc = h[start:start + chunk_size].to(dtype), targets[start:start + chunk_size]
+            logits = (hc @ w.T).float()  # (n, V)
+            if bias is not None:
+                logits += bias.float()
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, over the logits' own memory
+            probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0  # d loss / d logits, (n, V)
+            if need_h:
+                grad_h[start:start + chunk_size] = (probs.to(dtype) @ w).to(h.dtype)
+            if need_w:
+                grad_w.addmm_(probs.T, hc.float())
+            if need_b:
+                grad_b += probs.sum(0)
+        as_param = lambda g: None if g is None else g.to(weight.dtype)  # noqa: E731
+        ctx.save_for_backward(grad_h, as_param(grad_w), as_param(grad_b))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out: the scalar the loss sum was multiplied by
+        grads = tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors)
+        return (*grads, None, None, None)
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's when it is on (as `nn.Linear` would), else h's."""
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return h.dtype
+
+
 def token_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int = 1024,
-                   checkpoint_chunks: bool = True) -> torch.Tensor:
+                   fused: bool = True) -> torch.Tensor:
     """Sum of cross-entropies of next-token predictions at target positions.
 
     hidden: (B, T, H) final hidden states; labels: (B, T) token ids with IGNORE_INDEX where no loss is taken.
+    A plain `nn.Linear` head takes `HeadCrossEntropy` unless `fused=False`; other heads the generic path.
     """
     mask, targets = target_positions(labels)
     h = hidden[:, :-1][mask]  # (N, H): only positions whose next token is a target
+    if type(head) is nn.Linear and fused:
+        return HeadCrossEntropy.apply(h, head.weight, head.bias, targets, chunk_size, _compute_dtype(h))
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_size):
         hc, tc = h[start:start + chunk_size], targets[start:start + chunk_size]
-        if checkpoint_chunks and torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_ce_sum, head, hc, tc, use_reentrant=False)
         else:
             total = total + _chunk_ce_sum(head, hc, tc)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import bitsandbytes as bnb
-from bitsandbytes.functional import dequantize_4bit, int8_vectorwise_dequant, int8_vectorwise_quant, quantize_4bit
+from bitsandbytes.functional import dequantize_4bit, int8_vectorwise_quant, quantize_4bit
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,8 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> to
         dense = dequantize_4bit(w.data, w.quant_state)
     elif isinstance(layer, bnb.nn.Linear8bitLt):
         scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
-        dense = int8_vectorwise_dequant(w.data, scb)
+        # bnb's own training matmul (MatMul8bitFp) dequantizes exactly so: row scale / 127, in the target dtype
+        return w.data.to(dtype or torch.float32).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
     else:
         dense = w.detach().clone()
     return dense.to(dtype) if dtype is not None else dense

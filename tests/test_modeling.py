@@ -1,8 +1,10 @@
 """Loading: every base parameter frozen, linears quantized (head and embeddings kept), tied head still tied,
 outputs close to the full-precision model, and clear errors for unusable folders."""
 
+import gc
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +77,48 @@ def test_unusable_folders_get_clear_errors(tiny_model_dir, tmp_path):
         load_model(ModelSection(path=str(unknown)), QuantizationSection(), CPU)
     with pytest.raises(QTrainError, match="neither a local folder"):
         load_model(ModelSection(path="no such thing"), QuantizationSection(), CPU)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+@pytest.mark.parametrize("bits", [4, "none"])
+def test_loaded_model_keeps_no_shard_mapped(tiny_model_dir, tmp_path, bits):
+    """The fp32 checkpoint loaded in fp32: read through safetensors' mmap, every kept tensor would be a view of
+    the shard, keeping the file mapped (and its pages in RSS) for the model's lifetime."""
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    model = load_model(ModelSection(path=str(folder)), QuantizationSection(bits=bits, compute_dtype="float32"),
+                       CPU).model
+    gc.collect()
+    maps = Path("/proc/self/maps").read_text()
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert not any(str(shard.resolve()) in maps for shard in folder.glob("*.safetensors"))
+
+
+def test_shard_reader_matches_safe_open(tiny_untied_dir, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qtrain.shards import ShardReader
+
+    mixed = tmp_path / "mixed.safetensors"  # every dtype a checkpoint uses, odd sizes, a scalar
+    save_file({"bf16": torch.randn(3, 5).to(torch.bfloat16), "f16": torch.randn(7).half(), "i64": torch.arange(3),
+               "u8": torch.arange(5, dtype=torch.uint8), "scalar": torch.tensor(2.5)}, str(mixed))
+    for shard in [*tiny_untied_dir.glob("*.safetensors"), mixed]:
+        with safe_open(str(shard), framework="pt") as ref, ShardReader(shard) as mine:
+            assert sorted(mine.keys()) == sorted(ref.keys())
+            for key in ref.keys():
+                a, b = ref.get_tensor(key), mine.get_tensor(key)
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), key
+
+
+def test_shard_reader_reports_truncated_files(tiny_model_dir, tmp_path):
+    from qtrain.shards import ShardReader
+
+    shard = next(tiny_model_dir.glob("*.safetensors"))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(shard.read_bytes()[:-100])
+    with ShardReader(cut) as f, pytest.raises(QTrainError, match="truncated"):
+        for key in f.keys():
+            f.get_tensor(key)
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(QTrainError, match="not a readable safetensors file"):
+        ShardReader(tmp_path / "junk.safetensors")

@@ -13,6 +13,14 @@ magnitude m (out,) and computes, like peft,
 
 which equals m · (W + ΔW)/n applied to x, plus the base bias. W is the base's dequantized weight, so DoRA works
 on 4-bit and 8-bit bases; the price is one dequantization per forward. At init m = n, so step 0 is the base.
+
+Training takes a fused path when the base is a frozen linear (plain, 4-bit or 8-bit) and DoRA is off:
+`LoRAFunction` computes y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ with the update accumulated into the base's output by the
+GEMM itself (`addmm_(..., alpha=s)`), and writes its own backward (gx = gy·W + s·(gy·B)·A, gB = s·gyᵀ·(x·Aᵀ),
+gA = s·(gy·B)ᵀ·x). That drops the scaling and addition passes over every (tokens × out) output in forward and
+backward, saves only x and the (tokens × r) x·Aᵀ, and dequantizes W once in forward and once in backward, as
+bitsandbytes' own matmul does. Evaluation and generation use the composed modules above; the two agree to
+float tolerance (tests/test_lora.py).
 """
 
 from __future__ import annotations
@@ -29,11 +37,64 @@ from qtrain.errors import QTrainError
 from qtrain.methods.blocks import LoRABlock
 from qtrain.methods.wrapping import LinearWrapper, WrappingMethod
 from qtrain.numerics import dora_merged_weight, dora_weight_norm, lora_delta_weight, lora_scaling
-from qtrain.quantization import dequantized_weight, is_linear
+from qtrain.quantization import dequantized_weight, is_linear, is_quantized
 from qtrain.surgery import portable_targets
 
 
+class LoRAFunction(torch.autograd.Function):
+    """y = x·Wᵀ + bias + s·(h·Aᵀ)·Bᵀ over a frozen base `layer`; h is x, or x after dropout (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, h, a, b, layer: nn.Module, scaling: float, dtype: torch.dtype):
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
+            h2 = x2 if h is x else h.reshape(-1, h.shape[-1]).to(dtype)
+            ha = h2 @ a.to(dtype).T  # (N, r)
+            y = _dense_weight(layer, dtype).T  # (in, out)
+            y = x2 @ y if layer.bias is None else torch.addmm(layer.bias.to(dtype), x2, y)
+            y.addmm_(ha, b.to(dtype).T, alpha=scaling)  # (N, out)
+        ctx.save_for_backward(h2, ha, a, b)
+        ctx.layer, ctx.scaling, ctx.dtype, ctx.same_input = layer, scaling, dtype, h is x
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        h2, ha, a, b = ctx.saved_tensors
+        dtype, s = ctx.dtype, ctx.scaling
+        need_x, need_h, need_a, need_b = ctx.needs_input_grad[:4]
+        with torch.autocast(gy.device.type, enabled=False):
+            gy2 = gy.reshape(-1, gy.shape[-1]).to(dtype)  # (N, out)
+            gyb = gy2 @ b.to(dtype)  # (N, r)
+            gx = gh = None
+            if need_x:
+                gx = gy2 @ _dense_weight(ctx.layer, dtype)  # (N, in)
+                if ctx.same_input:
+                    gx.addmm_(gyb, a.to(dtype), alpha=s)
+                gx = gx.reshape(ctx.x_shape).to(ctx.x_dtype)
+            if need_h and not ctx.same_input:
+                gh = (gyb @ a.to(dtype)).mul_(s).reshape(ctx.x_shape).to(ctx.x_dtype)
+            # the scale goes on the small products, never on a (tokens × features) operand
+            ga = (gyb.T @ h2).mul_(s).to(a.dtype) if need_a else None  # (r, in)
+            gb = (gy2.T @ ha).mul_(s).to(b.dtype) if need_b else None  # (out, r)
+        return gx, gh, ga, gb, None, None, None
+
+
+def _dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base's (out, in) weight in `dtype`: dequantized, or a plain layer's own tensor (no copy)."""
+    return dequantized_weight(layer, dtype) if is_quantized(layer) else layer.weight.to(dtype)
+
+
+def _compute_dtype(x: torch.Tensor, layer: nn.Module) -> torch.dtype:
+    """What the base would multiply in: autocast's dtype when on, else a 4-bit layer's compute dtype or x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return getattr(layer, "compute_dtype", None) or x.dtype
+
+
 class LoRALinear(LinearWrapper):
+    fuse_training = True  # False: train through the composed modules (the reference the fused path is tested on)
+
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  dora: bool = False):
         super().__init__(base_layer)
@@ -51,11 +112,23 @@ class LoRALinear(LinearWrapper):
                 norm = dora_weight_norm(dequantized_weight(base_layer, torch.float32), self.delta_weight())
             self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
 
+    @property
+    def _fused(self) -> bool:
+        """Training over a frozen linear without DoRA takes `LoRAFunction` (module docstring)."""
+        base = self.base_layer
+        return (self.fuse_training and self.training and torch.is_grad_enabled() and self.lora_magnitude_vector is None
+                and is_linear(base) and not base.weight.requires_grad
+                and (base.bias is None or not base.bias.requires_grad))
+
     def delta_weight(self) -> torch.Tensor:
         """scaling · B @ A, (out, in) float32."""
         return lora_delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused:
+            h = self.lora_dropout(x)
+            return LoRAFunction.apply(x, h, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling,
+                                      _compute_dtype(x, self.base_layer))
         out = self.base_layer(x)  # (..., out)
         h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(h)) * self.scaling  # A: (..., r), B: (..., out)
