@@ -1,6 +1,6 @@
 """qtrain vs the setup a user would otherwise pick (transformers + bitsandbytes + peft), side by side.
 
-    python benchmarks/compare.py                 # the grid: 4/8-bit × seq 256/1024 × micro-batch 1/4, then curves
+    python benchmarks/compare.py                 # the grid (4/8-bit × seq 256/1024 × micro-batch 1/4), then curves
     python benchmarks/compare.py --only 4-256-4  # one grid point (bits-seq-microbatch)
     python benchmarks/compare.py --curves-only   # only the learning curves
 
@@ -27,7 +27,9 @@ of general English text (qtrain's reference text), every position a target.
 The physical floor of a config is what no trainer of this recipe can avoid holding at once: quantized
 weights and the other frozen weights in the compute dtype, LoRA weights with gradients and AdamW's two fp32
 states, each block's checkpointed input, one block's recompute working set (its saved activations, taken
-from qtrain's planner), and one chunk of output logits with their gradient.
+from qtrain's planner), and one chunk (`training.loss_chunk_size` targets) of fp32 logits.
+
+Results and their reading: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
