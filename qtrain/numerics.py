@@ -88,11 +88,14 @@ class HeadCrossEntropy(torch.autograd.Function):
             logits = (hc @ w.T).float()  # (n, V)
             if bias is not None:
                 logits += bias.float()
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            picked = logits.gather(1, tc[:, None]).squeeze(1)  # (n,) the targets' logits
+            top = logits.amax(dim=-1)  # (n,)
+            probs = logits.sub_(top[:, None]).exp_()  # in place: logsumexp would allocate a second (n, V)
+            norm = probs.sum(dim=-1)  # (n,)
+            total += (top + norm.log() - picked).sum()  # Σ logsumexp − target logit
             if not (need_h or need_w or need_b):
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, over the logits' own memory
+            probs.div_(norm[:, None])  # softmax
             probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0  # d loss / d logits, (n, V)
             if need_h:
                 grad_h[start:start + chunk_size] = (probs.to(dtype) @ w).to(h.dtype)
