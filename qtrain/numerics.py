@@ -113,11 +113,12 @@ class HeadCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    """The dtype the head's matmul runs in: autocast's when it is on (as `nn.Linear` would), else h's."""
-    if torch.is_autocast_enabled(h.device.type):
-        return torch.get_autocast_dtype(h.device.type)
-    return h.dtype
+def matmul_dtype(x: torch.Tensor, default: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a layer multiplies `x` in: autocast's when it is on (as `nn.Linear` would), else `default`
+    (e.g. a 4-bit layer's compute dtype) or x's own. The fused training paths state their dtypes with it."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return default or x.dtype
 
 
 def token_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int = 1024,
@@ -130,7 +131,7 @@ def token_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, 
     mask, targets = target_positions(labels)
     h = hidden[:, :-1][mask]  # (N, H): only positions whose next token is a target
     if type(head) is nn.Linear and fused:
-        return HeadCrossEntropy.apply(h, head.weight, head.bias, targets, chunk_size, _compute_dtype(h))
+        return HeadCrossEntropy.apply(h, head.weight, head.bias, targets, chunk_size, matmul_dtype(h))
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_size):
         hc, tc = h[start:start + chunk_size], targets[start:start + chunk_size]

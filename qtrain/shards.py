@@ -23,12 +23,14 @@ import torch
 from qtrain.errors import QTrainError
 
 
+# safetensors' dtype names, for reading and (inverted) for writing
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
 class ShardReader:
     """A safetensors file with `safe_open`'s `keys()` and `get_tensor(key)`, each tensor read into new memory."""
-
-    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
     def __init__(self, path: Path):
         import struct
@@ -60,7 +62,7 @@ class ShardReader:
 
     def get_tensor(self, key: str) -> torch.Tensor:
         entry = self.entries[key]
-        if entry["dtype"] not in self.DTYPES:
+        if entry["dtype"] not in DTYPES:
             raise QTrainError(f"{self.path}: tensor {key!r} has dtype {entry['dtype']}, which qtrain cannot read")
         begin, end = entry["data_offsets"]
         out = torch.empty(end - begin, dtype=torch.uint8)
@@ -72,15 +74,13 @@ class ShardReader:
                 raise QTrainError(f"{self.path}: tensor {key!r} ends past the end of the file (truncated "
                                   "download?); fetch or save the checkpoint again")
             filled += got
-        return out.view(self.DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return out.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 class ShardWriter:
     """Tensors cast to `dtype`, in shards of about `max_bytes`, named model-0000i-of-0000n by `finish`."""
 
-    DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
+    DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
     def __init__(self, folder: Path, dtype: torch.dtype, max_bytes: int):
         self.folder, self.dtype, self.max_bytes = folder, dtype, max_bytes
@@ -100,7 +100,7 @@ class ShardWriter:
             self.body = open(self.folder / f"body-{len(self.files)}.bin", "wb")
         raw = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's bytes, no copy
         self.body.write(memoryview(raw))
-        self.entries[key] = {"dtype": self.DTYPES[t.dtype], "shape": list(t.shape),
+        self.entries[key] = {"dtype": self.DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                              "data_offsets": [self.offset, self.offset + raw.nbytes]}
         self.offset += raw.nbytes
         self.total += raw.nbytes

@@ -20,7 +20,7 @@ GEMM itself (`addmm_(..., alpha=s)`), and writes its own backward (gx = gy·W + 
 gA = s·(gy·B)ᵀ·x). That drops the scaling and addition passes over every (tokens × out) output in forward and
 backward, saves only x and the (tokens × r) x·Aᵀ, and dequantizes W once in forward and once in backward, as
 bitsandbytes' own matmul does. Evaluation and generation use the composed modules above; the two agree to
-float tolerance (tests/test_lora.py).
+float tolerance (tests/test_fast_paths.py).
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from qtrain.arch import pattern_key
 from qtrain.errors import QTrainError
 from qtrain.methods.blocks import LoRABlock
 from qtrain.methods.wrapping import LinearWrapper, WrappingMethod
-from qtrain.numerics import dora_merged_weight, dora_weight_norm, lora_delta_weight, lora_scaling
+from qtrain.numerics import dora_merged_weight, dora_weight_norm, lora_delta_weight, lora_scaling, matmul_dtype
 from qtrain.quantization import dequantized_weight, is_linear, is_quantized
 from qtrain.surgery import portable_targets
 
 
 class LoRAFunction(torch.autograd.Function):
-    """y = x·Wᵀ + bias + s·(h·Aᵀ)·Bᵀ over a frozen base `layer`; h is x, or x after dropout (module docstring)."""
+    """y = x·Wᵀ + bias + s·(h·Aᵀ)·Bᵀ over a frozen base `layer`; h is x, or x after dropout."""
 
     @staticmethod
     def forward(ctx, x, h, a, b, layer: nn.Module, scaling: float, dtype: torch.dtype):
@@ -85,13 +85,6 @@ def _dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return dequantized_weight(layer, dtype) if is_quantized(layer) else layer.weight.to(dtype)
 
 
-def _compute_dtype(x: torch.Tensor, layer: nn.Module) -> torch.dtype:
-    """What the base would multiply in: autocast's dtype when on, else a 4-bit layer's compute dtype or x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return getattr(layer, "compute_dtype", None) or x.dtype
-
-
 class LoRALinear(LinearWrapper):
     fuse_training = True  # False: train through the composed modules (the reference the fused path is tested on)
 
@@ -128,7 +121,7 @@ class LoRALinear(LinearWrapper):
         if self._fused:
             h = self.lora_dropout(x)
             return LoRAFunction.apply(x, h, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling,
-                                      _compute_dtype(x, self.base_layer))
+                                      matmul_dtype(x, getattr(self.base_layer, "compute_dtype", None)))
         out = self.base_layer(x)  # (..., out)
         h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(h)) * self.scaling  # A: (..., r), B: (..., out)
