@@ -83,9 +83,15 @@ class HeadCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        # one logits buffer for all chunks: a fresh (n, V) block per chunk is fresh pages from the OS every time
+        buffer = torch.empty(min(chunk_size, h.shape[0]), w.shape[0], dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             hc, tc = h[start:start + chunk_size].to(dtype), targets[start:start + chunk_size]
-            logits = (hc @ w.T).float()  # (n, V)
+            logits = buffer[:len(tc)]  # (n, V)
+            if dtype == torch.float32:
+                torch.mm(hc, w.T, out=logits)
+            else:
+                logits.copy_(hc @ w.T)
             if bias is not None:
                 logits += bias.float()
             picked = logits.gather(1, tc[:, None]).squeeze(1)  # (n,) the targets' logits

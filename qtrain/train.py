@@ -44,14 +44,16 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
     """Forward the model, then the summed next-token loss over the batch's target tokens.
 
-    The model's own forward runs (so a data-parallel wrapper prepares its gradient sync) with one logit kept
-    and the final hidden states returned; the loss then runs the head on target positions only, in chunks.
+    The model's own forward runs (so a data-parallel wrapper prepares its gradient sync) with no logits kept
+    (one kept position costs a (B, H)·(H, V) matmul, ~0.6 s per step in bf16 on CPU) and the final hidden
+    states returned; the loss then runs the head on target positions only, in chunks.
     Keeping the layers' hidden states costs nothing extra: backward keeps them anyway.
     """
     inner = extract_model_from_parallel(model)
     inputs = prepare_inputs(inner, model_inputs(batch))
     labels = inputs.pop("labels")  # (B, T'): with IGNORE_INDEX on any positions the methods added
-    out = model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+    no_logits = torch.empty(0, dtype=torch.long, device=labels.device)  # positions to run the model's head on
+    out = model(**inputs, use_cache=False, logits_to_keep=no_logits, output_hidden_states=True)
     return token_loss_sum(out.hidden_states[-1], inner.get_output_embeddings(), labels, chunk_size)
 
 

@@ -5,6 +5,7 @@
 `base(x) + s·B(A(dropout(x)))` through autograd; and a whole model's accumulated gradients both ways.
 """
 
+import collections
 import functools
 
 import pytest
@@ -95,7 +96,12 @@ def test_fused_lora_is_only_for_training_over_a_frozen_linear():
 
 @pytest.mark.parametrize("bits", [4, None])
 def test_model_gradients_equal_with_and_without_fused_paths(tiny_model_dir, dates_file, bits, monkeypatch):
-    """A whole step, with checkpointing: every LoRA gradient equal both ways."""
+    """A whole step, with checkpointing: every LoRA gradient equal both ways.
+
+    The fused way also skips each block's down projection in the recompute: its base weight is used twice per
+    step (forward, backward) where every other projection's is used three times (forward, recompute, backward).
+    """
+    import qtrain.methods.lora as lora_module
     from accelerate import Accelerator
 
     import qtrain.train as train
@@ -115,9 +121,13 @@ def test_model_gradients_equal_with_and_without_fused_paths(tiny_model_dir, date
     for p in params.values():
         if p.abs().sum() == 0:
             nn.init.normal_(p, std=0.02)  # B ≠ 0: the update takes part in every gradient
-    enable_checkpointing(model)
+    assert enable_checkpointing(model) == model.config.num_hidden_layers  # every block's down_proj marked
     model.train()
     data, _ = prepare(str(dates_file), DataSection(train=str(dates_file), max_seq_len=64), tok, "data.train")
+    uses = collections.Counter()
+    dense_weight = lora_module._dense_weight
+    monkeypatch.setattr(lora_module, "_dense_weight", lambda layer, dtype: uses.update([layer]) or
+                        dense_weight(layer, dtype))
     batch = next(iter(Batches(data, 4, 0, tok.pad_token_id)))
     results = []
     for fused in (True, False):
@@ -128,9 +138,36 @@ def test_model_gradients_equal_with_and_without_fused_paths(tiny_model_dir, date
         torch.manual_seed(1)  # the same LoRA dropout masks both ways
         loss, _ = train.accumulate_gradients(model, [batch], Accelerator(cpu=True), 7)
         results.append((loss, {n: p.grad.clone() for n, p in params.items()}))
+        if fused:
+            for block in model.model.layers:
+                assert uses[block.mlp.down_proj.base_layer] == 2
+                assert uses[block.mlp.gate_proj.base_layer] == uses[block.self_attn.o_proj.base_layer] == 3
     LoRALinear.fuse_training = True
     (fl, fg), (pl, pg) = results
     assert fl == pytest.approx(pl, rel=1e-5)
     for name in fg:
         assert (fg[name] - pg[name]).abs().max() < 1e-4 * max(1e-3, pg[name].abs().max().item()), name
 
+
+
+def test_model_forward_runs_no_head_positions(tiny_model_dir, dates_file):
+    """The loss runs the head itself on target positions; the model's own head sees zero positions (one kept
+    position is a (B, H)·(H, V) matmul per step, ~0.6 s in bf16 on CPU), and the loss is unchanged."""
+    import qtrain.train as train
+    from qtrain.config import DataSection, ModelSection, QuantizationSection
+    from qtrain.data import Batches, prepare
+    from qtrain.modeling import load_model
+
+    loaded = load_model(ModelSection(path=str(tiny_model_dir)), QuantizationSection(bits=4), torch.device("cpu"))
+    model, tok = loaded.model, loaded.tokenizer
+    data, _ = prepare(str(dates_file), DataSection(train=str(dates_file), max_seq_len=64), tok, "data.train")
+    batch = next(iter(Batches(data, 3, 0, tok.pad_token_id)))
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        loss = train.batch_loss_sum(model, batch, 16)
+        logits = model(**train.model_inputs(batch)).logits  # the plain forward, every position
+    assert seen == [0, batch["input_ids"].shape[1]]
+    mask, targets = (batch["labels"][:, 1:] != -100), batch["labels"][:, 1:]
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum")
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)

@@ -24,6 +24,18 @@ def test_layer_multiplies_by_its_dequantized_weight(spec):
     assert not any(p.requires_grad for p in layer.parameters())
 
 
+@pytest.mark.parametrize("spec", SPECS[:2], ids=["nf4-dq", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_dequantization_equals_the_cast_float32_weight(spec, dtype):
+    """A 4-bit weight dequantized straight into a 16-bit dtype (the training matmul's path) is the float32 one
+    rounded: same numbers, one pass and half the bytes fewer. The stored state keeps its own dtype."""
+    torch.manual_seed(0)
+    layer = quantize_linear(nn.Linear(256, 192), spec)
+    direct = dequantized_weight(layer, dtype)
+    assert direct.dtype == dtype and torch.equal(direct, dequantized_weight(layer, torch.float32).to(dtype))
+    assert layer.weight.quant_state.dtype == torch.float32
+
+
 @pytest.mark.parametrize("spec,tol", [(SPECS[0], 0.25), (SPECS[1], 0.35), (SPECS[2], 0.01), (SPECS[3], 0.0)],
                          ids=["nf4-dq", "fp4", "int8", "none"])
 def test_dequantized_weight_is_close_to_the_original(spec, tol):

@@ -19,8 +19,10 @@ Training takes a fused path when the base is a frozen linear (plain, 4-bit or 8-
 GEMM itself (`addmm_(..., alpha=s)`), and writes its own backward (gx = gy·W + s·(gy·B)·A, gB = s·gyᵀ·(x·Aᵀ),
 gA = s·(gy·B)ᵀ·x). That drops the scaling and addition passes over every (tokens × out) output in forward and
 backward, saves only x and the (tokens × r) x·Aᵀ, and dequantizes W once in forward and once in backward, as
-bitsandbytes' own matmul does. Evaluation and generation use the composed modules above; the two agree to
-float tolerance (tests/test_fast_paths.py).
+bitsandbytes' own matmul does. In a checkpointed block's recompute, a layer whose output the recompute never
+reads (`recompute_tail`, which `enable_checkpointing` sets on the MLP's down projection) computes only the x·Aᵀ
+that backward saves and skips its base matmul. Evaluation and generation use the composed modules above; the
+paths agree to float tolerance (tests/test_fast_paths.py).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from qtrain.errors import QTrainError
 from qtrain.methods.blocks import LoRABlock
 from qtrain.methods.wrapping import LinearWrapper, WrappingMethod
 from qtrain.numerics import dora_merged_weight, dora_weight_norm, lora_delta_weight, lora_scaling, matmul_dtype
+from qtrain.modeling import recomputing
 from qtrain.quantization import dequantized_weight, is_linear, is_quantized
 from qtrain.surgery import portable_targets
 
@@ -45,14 +48,17 @@ class LoRAFunction(torch.autograd.Function):
     """y = x·Wᵀ + bias + s·(h·Aᵀ)·Bᵀ over a frozen base `layer`; h is x, or x after dropout."""
 
     @staticmethod
-    def forward(ctx, x, h, a, b, layer: nn.Module, scaling: float, dtype: torch.dtype):
+    def forward(ctx, x, h, a, b, layer: nn.Module, scaling: float, dtype: torch.dtype, output_unused: bool = False):
         with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
             h2 = x2 if h is x else h.reshape(-1, h.shape[-1]).to(dtype)
             ha = h2 @ a.to(dtype).T  # (N, r)
-            y = _dense_weight(layer, dtype).T  # (in, out)
-            y = x2 @ y if layer.bias is None else torch.addmm(layer.bias.to(dtype), x2, y)
-            y.addmm_(ha, b.to(dtype).T, alpha=scaling)  # (N, out)
+            if output_unused:  # a recompute that only needs what backward saves: no base matmul
+                y = ha.new_zeros(()).expand(x2.shape[0], layer.out_features)
+            else:
+                y = _dense_weight(layer, dtype).T  # (in, out)
+                y = x2 @ y if layer.bias is None else torch.addmm(layer.bias.to(dtype), x2, y)
+                y.addmm_(ha, b.to(dtype).T, alpha=scaling)  # (N, out)
         ctx.save_for_backward(h2, ha, a, b)
         ctx.layer, ctx.scaling, ctx.dtype, ctx.same_input = layer, scaling, dtype, h is x
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -77,7 +83,7 @@ class LoRAFunction(torch.autograd.Function):
             # the scale goes on the small products, never on a (tokens × features) operand
             ga = (gyb.T @ h2).mul_(s).to(a.dtype) if need_a else None  # (r, in)
             gb = (gy2.T @ ha).mul_(s).to(b.dtype) if need_b else None  # (out, r)
-        return gx, gh, ga, gb, None, None, None
+        return gx, gh, ga, gb, None, None, None, None
 
 
 def _dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -87,6 +93,7 @@ def _dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 class LoRALinear(LinearWrapper):
     fuse_training = True  # False: train through the composed modules (the reference the fused path is tested on)
+    recompute_tail = False  # set by enable_checkpointing where the recompute never reads this layer's output
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  dora: bool = False):
@@ -121,7 +128,8 @@ class LoRALinear(LinearWrapper):
         if self._fused:
             h = self.lora_dropout(x)
             return LoRAFunction.apply(x, h, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling,
-                                      matmul_dtype(x, getattr(self.base_layer, "compute_dtype", None)))
+                                      matmul_dtype(x, getattr(self.base_layer, "compute_dtype", None)),
+                                      self.recompute_tail and recomputing())
         out = self.base_layer(x)  # (..., out)
         h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(h)) * self.scaling  # A: (..., r), B: (..., out)
