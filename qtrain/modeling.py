@@ -301,7 +301,7 @@ def enable_checkpointing(model: nn.Module) -> int:
     The recompute only has to rebuild what backward reads. In the Llama-family blocks the MLP's down projection
     produces only the block's output, which backward never reads (the next block saved its own input), so a
     wrapper there that can skip its base matmul (`recompute_tail`, LoRA's fused path) is told to: one of the seven
-    frozen matmuls per block, ~25 % of the recompute's FLOPs in a Llama MLP. Returns how many were marked.
+    frozen matmuls per block, about a quarter of a Llama block's linear FLOPs. Returns how many were marked.
     """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
