@@ -303,11 +303,12 @@ def enable_checkpointing(model: nn.Module) -> int:
     wrapper there that can skip its base matmul (`recompute_tail`, LoRA's fused path) is told to: one of the seven
     frozen matmuls per block, about a quarter of a Llama block's linear FLOPs. Returns how many were marked.
     """
-    kwargs = {"use_reentrant": False}
+    # transformers switches the layers on (and makes the input embeddings require grad); the checkpoint function
+    # it installs is replaced by qtrain's own below, so no checkpoint options are passed to it
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        model.activation_checkpointing_enable()
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.gradient_checkpointing_enable()
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
     assert layers, "checkpointing not enabled"
     marked = 0

@@ -149,7 +149,6 @@ def test_model_gradients_equal_with_and_without_fused_paths(tiny_model_dir, date
         assert (fg[name] - pg[name]).abs().max() < 1e-4 * max(1e-3, pg[name].abs().max().item()), name
 
 
-
 def test_model_forward_runs_no_head_positions(tiny_model_dir, dates_file):
     """The loss runs the head itself on target positions; the model's own head sees zero positions (one kept
     position is a (B, H)·(H, V) matmul per step, ~0.6 s in bf16 on CPU), and the loss is unchanged."""
