@@ -303,12 +303,15 @@ def enable_checkpointing(model: nn.Module) -> int:
     wrapper there that can skip its base matmul (`recompute_tail`, LoRA's fused path) is told to: one of the seven
     frozen matmuls per block, about a quarter of a Llama block's linear FLOPs. Returns how many were marked.
     """
-    # transformers switches the layers on (and makes the input embeddings require grad); the checkpoint function
-    # it installs is replaced by qtrain's own below, so no checkpoint options are passed to it
+    # transformers switches the layers on; the checkpoint function it installs is replaced by qtrain's own below,
+    # so no checkpoint options are passed to it
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
         model.activation_checkpointing_enable()
     else:
         model.gradient_checkpointing_enable()
+    # it also makes the input embeddings' output require grad, which only reentrant checkpointing needs: with it
+    # the first block computes input gradients for its attention projections that nothing trainable reads
+    model.disable_input_require_grads()
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
     assert layers, "checkpointing not enabled"
     marked = 0
