@@ -128,7 +128,8 @@ class LiveTensorBytes:
 
 
 def existing_tensors(model, optimizer):
-    """Everything alive before a step: parameters, buffers, bnb quantization constants, optimizer state."""
+    """Everything alive before a step: parameters, buffers, bnb quantization constants, optimizer state,
+    reused weight buffers."""
     for t in list(model.parameters()) + list(model.buffers()):
         yield t
     for module in model.modules():
@@ -142,6 +143,9 @@ def existing_tensors(model, optimizer):
             yield w.SCB
     for state in optimizer.state.values():
         yield from (v for v in state.values() if hasattr(v, "untyped_storage"))
+    from qtrain.quantization import scratch_tensors
+
+    yield from scratch_tensors()  # qtrain's reused dequantization buffers (empty in a baseline process)
 
 
 def measure(index: int) -> dict:

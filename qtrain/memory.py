@@ -7,11 +7,11 @@ saves in one micro-batch's forward: per decoder layer the fp32 inputs of the two
 and attention output (repeat_kv copies when a padding mask is present), the MLP's gate/silu/up tensors, and each
 LoRA's input (shared when fp32, one copy per wrapper under 16-bit autocast or dropout) and rank-r intermediate.
 With checkpointing only each layer's input survives (plus the inputs bnb's 8-bit matmul holds outside autograd's
-saved tensors), and one layer is recomputed in backward. The loss never builds the full logits: the output head runs on target positions
-in chunks of `training.loss_chunk_size`, each chunk's gradient made in forward over its own logits, so the
-logits term is one chunk of fp32 logits.
-bnb dequantizes one weight per linear call, so one dense weight is scratch. The peak is the larger of the
-backward phase (saved activations + the biggest transient) and the optimizer step.
+saved tensors), and one layer is recomputed in backward. The loss never builds the full logits: the output head
+runs on target positions in chunks of `training.loss_chunk_size`, each chunk's gradient made in forward over its
+own logits, so the logits term is one chunk of fp32 logits.
+Each quantized linear call dequantizes its weight, so one dense weight is scratch (on CPU a buffer kept all run).
+The peak is the larger of the backward phase (saved activations + the biggest transient) and the optimizer step.
 
 Methods are accounted for through their config blocks only: `trainable_parameters(arch)`,
 `full_precision_linears(arch)` (stored unquantized) and `extra_tokens()` (longer sequences); blocks that name
@@ -54,7 +54,6 @@ class Setup:
     blocksize: int = 64
     skip_modules: tuple[str, ...] = ("lm_head",)
     compute_bytes: int = 2
-    checkpoint_bytes: int = 2  # dtype of the checkpoint's tensors: bnb dequantizes into it
     micro_batch: int = 1
     seq_len: int = 512
     checkpointing: bool = True
@@ -244,7 +243,10 @@ def estimate(s: Setup) -> Estimate:
     saved = shared + (a.layers * layer_ckpt if s.checkpointing else sum(per_layer))
     recompute = layer if s.checkpointing else 0  # the one layer re-run during its backward
     layer_ws = recompute + _layer_transient_per_token(s) * n_tok
-    scratch = big * (s.checkpoint_bytes + (e if e != s.checkpoint_bytes else 0)) if s.bits else 0
+    # the dense weight of one quantized linear, in the compute dtype: a new tensor per matmul on CUDA (recycled by
+    # the caching allocator), one buffer reused all run on CPU (quantization.matmul_weight), alive at every phase
+    scratch = big * e if s.bits else 0
+    kept_scratch = scratch if s.device == "cpu" else 0
     # one loss chunk (numerics.HeadCrossEntropy): fp32 logits turned into their gradient in place, plus its
     # 16-bit copy for the matmul under 16-bit compute; the targets' hidden states and their gradient
     loss_ws = chunk * a.vocab * (4 + (e if e < 4 else 0)) + n_tok * a.hidden * e + targets * a.hidden * e
@@ -252,11 +254,12 @@ def estimate(s: Setup) -> Estimate:
 
     comp = {"quantized_weights": quant, "other_weights": other, "trainable_params": trainable,
             "gradients": trainable, "optimizer_states": states, "activations": 0, "layer_backward": 0,
-            "logits_and_loss": 0, "dequant_scratch": 0, "optimizer_step": 0, "runtime_overhead": overhead}
-    backward = saved + max(loss_ws, layer_ws + scratch)
+            "logits_and_loss": 0, "dequant_scratch": kept_scratch, "optimizer_step": 0, "runtime_overhead": overhead}
+    transient_scratch = scratch - kept_scratch
+    backward = saved + max(loss_ws, layer_ws + transient_scratch)
     if backward >= opt_scratch:
         comp["activations"] = saved
-        if loss_ws >= layer_ws + scratch:
+        if loss_ws >= layer_ws + transient_scratch:
             comp["logits_and_loss"] = loss_ws
         else:
             comp["layer_backward"], comp["dequant_scratch"] = layer_ws, scratch
@@ -292,13 +295,11 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
     """The planner's view of a run. `device` decides `compute_dtype: auto` (bf16/fp16 on GPU, fp32 on CPU)."""
     q, t = cfg.quantization, cfg.training
     compute = q.compute_dtype if q.compute_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    inner = model_cfg.get("text_config", model_cfg)
-    stored = str(inner.get("torch_dtype") or inner.get("dtype") or model_cfg.get("torch_dtype") or "float32")
     mb = micro_batch or (t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1)
     return Setup(
         arch=Arch.from_config(model_cfg), blocks=tuple(cfg.peft), bits=None if q.bits == "none" else int(q.bits),
         double_quant=q.double_quant, blocksize=q.blocksize, skip_modules=tuple(q.skip_modules),
-        compute_bytes=DTYPE_BYTES[compute], checkpoint_bytes=DTYPE_BYTES.get(stored, 4), micro_batch=mb,
+        compute_bytes=DTYPE_BYTES[compute], micro_batch=mb,
         seq_len=cfg.data.max_seq_len, checkpointing=t.gradient_checkpointing, optimizer=t.optimizer,
         attention=cfg.model.attn_implementation, loss_chunk=t.loss_chunk_size, device=device,
     )

@@ -4,6 +4,7 @@ Everything else (PEFT methods, export, the planner) sees a linear layer through 
 
     quantize_linear(linear, spec)   -> a frozen bnb Linear4bit / Linear8bitLt holding the same weight
     dequantized_weight(layer)       -> the dense (out, in) weight the layer actually multiplies by
+    matmul_weight(layer, dtype)     -> the same, for one matmul right away (the fused training paths)
     is_linear(module)               -> plain, 4-bit or 8-bit linear?
     weight_nbytes(layer)            -> bytes the stored weight takes (packed data + quantization constants)
 
@@ -18,13 +19,16 @@ from training numerics and mutates the frozen base, so `quantize_linear` switche
 from __future__ import annotations
 
 import copy
+import ctypes
+import threading
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import bitsandbytes as bnb
-from bitsandbytes.functional import dequantize_4bit, int8_vectorwise_quant, quantize_4bit
+from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+from bitsandbytes.functional import dequantize_4bit, dequantize_blockwise, get_ptr, int8_vectorwise_quant, quantize_4bit
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,60 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> to
     else:
         dense = w.detach().clone()
     return dense.to(dtype) if dtype is not None else dense
+
+
+def matmul_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """`layer`'s dense (out, in) weight in `dtype`, for one matmul that follows at once: read it before the next
+    call and never keep it. On CPU a quantized weight is written into a reused buffer (module docstring); a plain
+    layer's weight is returned as is when it already has `dtype`."""
+    w = layer.weight
+    if not is_quantized(layer):
+        return w.to(dtype)
+    if w.device.type != "cpu":
+        return dequantized_weight(layer, dtype)
+    out = _scratch(tuple(w.shape if isinstance(layer, bnb.nn.Linear8bitLt) else w.quant_state.shape), dtype)
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
+        return out.copy_(w.data).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))  # as `dequantized_weight`, in place
+    return out if _dequantize_4bit_cpu(w, out) else dequantized_weight(layer, dtype)
+
+
+_SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # (thread, dtype) -> flat CPU buffer
+_DEQUANTIZE_4BIT = {(q, dt): f"cdequantize_blockwise_cpu_{q}_{name}" for q in ("nf4", "fp4")
+                    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"))}
+
+
+def _scratch(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    key, n = (threading.get_ident(), dtype), shape[0] * shape[1]
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n:
+        _SCRATCH[key] = buf = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def scratch_tensors() -> list[torch.Tensor]:
+    """The reused CPU weight buffers that exist now (memory accounting counts them as live)."""
+    return list(_SCRATCH.values())
+
+
+def _dequantize_4bit_cpu(w: torch.Tensor, out: torch.Tensor) -> bool:
+    """Write a 4-bit weight into `out` with bitsandbytes' own CPU kernel, the one `dequantize_4bit` calls (whose
+    CPU backend has no `out=` form). False where that backend would not use this kernel either."""
+    state = w.quant_state
+    fn = _DEQUANTIZE_4BIT.get((state.quant_type, out.dtype))
+    rows, cols = state.shape
+    if (fn is None or isinstance(lib, ErrorHandlerMockBNBNativeLibrary) or not hasattr(lib, fn) or cols % 2
+            or (state.blocksize >= 2048 and torch.backends.cpu.get_cpu_capability() == "AVX512")):
+        return False
+    absmax = state.absmax
+    if state.nested:
+        absmax = dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+    absmax = absmax.float().contiguous()  # named: the C call must not outlive the tensors it points into
+    packed = w.data.view(torch.uint8).reshape(rows, cols // 2).contiguous()
+    getattr(lib, fn)(get_ptr(packed), get_ptr(absmax), get_ptr(out),
+                     ctypes.c_longlong(state.blocksize), ctypes.c_longlong(rows), ctypes.c_longlong(cols))
+    return True
 
 
 def weight_nbytes(layer: nn.Module) -> int:

@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from qtrain.quantization import QuantSpec, bits_of, dequantized_weight, is_quantized, quantize_linear, weight_nbytes
+from qtrain.quantization import (QuantSpec, bits_of, dequantized_weight, is_quantized, matmul_weight, quantize_linear,
+                                 scratch_tensors, weight_nbytes)
 
-SPECS = [QuantSpec(bits=4, quant_type="nf4", double_quant=True), QuantSpec(bits=4, quant_type="fp4", double_quant=False),
-         QuantSpec(bits=8), QuantSpec(bits=None)]
+SPECS = [QuantSpec(bits=4, quant_type="nf4", double_quant=True),
+         QuantSpec(bits=4, quant_type="fp4", double_quant=False), QuantSpec(bits=8), QuantSpec(bits=None)]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=["nf4-dq", "fp4", "int8", "none"])
@@ -34,6 +35,34 @@ def test_16bit_dequantization_equals_the_cast_float32_weight(spec, dtype):
     direct = dequantized_weight(layer, dtype)
     assert direct.dtype == dtype and torch.equal(direct, dequantized_weight(layer, torch.float32).to(dtype))
     assert layer.weight.quant_state.dtype == torch.float32
+
+
+@pytest.mark.parametrize("spec", SPECS[:3], ids=["nf4-dq", "fp4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matmul_weight_is_the_dequantized_weight_in_one_reused_buffer(spec, dtype):
+    """The training matmuls' weight equals `dequantized_weight` bit for bit, and on CPU every call writes the same
+    buffer (no fresh pages per call), whatever the order of layer sizes."""
+    torch.manual_seed(0)
+    big, small = (quantize_linear(nn.Linear(256, 192), spec), quantize_linear(nn.Linear(64, 32), spec))
+    seen = set()
+    for layer in (small, big, small, big):
+        w = matmul_weight(layer, dtype)
+        assert w.dtype == dtype and torch.equal(w, dequantized_weight(layer, dtype))
+        seen.add(w.untyped_storage().data_ptr())
+    assert len(seen) <= 2  # the small layer's first call may come before the buffer grows
+    assert matmul_weight(small, dtype).untyped_storage().data_ptr() == matmul_weight(big, dtype).data_ptr()
+    assert any(t.data_ptr() == matmul_weight(big, dtype).data_ptr() for t in scratch_tensors())
+
+
+def test_matmul_weight_falls_back_where_the_cpu_kernel_does_not_apply():
+    """An odd number of input features is outside bnb's CPU 4-bit kernel: a new tensor, the same values."""
+    torch.manual_seed(0)
+    layer = quantize_linear(nn.Linear(65, 32), SPECS[0])
+    w = matmul_weight(layer, torch.float32)
+    assert torch.equal(w, dequantized_weight(layer, torch.float32))
+    assert not any(t.data_ptr() == w.data_ptr() for t in scratch_tensors())
+    plain = quantize_linear(nn.Linear(64, 32), SPECS[3])
+    assert matmul_weight(plain, torch.float32) is plain.weight  # a plain weight in its own dtype: no copy
 
 
 @pytest.mark.parametrize("spec,tol", [(SPECS[0], 0.25), (SPECS[1], 0.35), (SPECS[2], 0.01), (SPECS[3], 0.0)],

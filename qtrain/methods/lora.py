@@ -19,9 +19,9 @@ Training takes a fused path when the base is a frozen linear (plain, 4-bit or 8-
 GEMM itself (`addmm_(..., alpha=s)`), and writes its own backward (gx = gy·W + s·(gy·B)·A, gB = s·gyᵀ·(x·Aᵀ),
 gA = s·(gy·B)ᵀ·x). That drops the scaling and addition passes over every (tokens × out) output in forward and
 backward, saves only x and the (tokens × r) x·Aᵀ, and dequantizes W once in forward and once in backward, as
-bitsandbytes' own matmul does. In a checkpointed block's recompute, a layer whose output the recompute never
-reads (`recompute_tail`, which `enable_checkpointing` sets on the MLP's down projection) computes only the x·Aᵀ
-that backward saves and skips its base matmul. Evaluation and generation use the composed modules above; the
+bitsandbytes' own matmul does (on CPU into one reused buffer: `quantization.matmul_weight`). In a checkpointed
+block's recompute, a layer whose output the recompute never reads (`recompute_tail`, which `enable_checkpointing`
+sets on the MLP's down projection) computes only the x·Aᵀ that backward saves and skips its base matmul. Evaluation and generation use the composed modules above; the
 paths agree to float tolerance (tests/test_fast_paths.py).
 """
 
@@ -40,7 +40,7 @@ from qtrain.methods.blocks import LoRABlock
 from qtrain.methods.wrapping import LinearWrapper, WrappingMethod
 from qtrain.numerics import dora_merged_weight, dora_weight_norm, lora_delta_weight, lora_scaling, matmul_dtype
 from qtrain.modeling import recomputing
-from qtrain.quantization import dequantized_weight, is_linear, is_quantized
+from qtrain.quantization import dequantized_weight, is_linear, matmul_weight
 from qtrain.surgery import portable_targets
 
 
@@ -56,7 +56,7 @@ class LoRAFunction(torch.autograd.Function):
             if output_unused:  # a recompute that only needs what backward saves: no base matmul
                 y = ha.new_zeros(()).expand(x2.shape[0], layer.out_features)
             else:
-                y = _dense_weight(layer, dtype).T  # (in, out)
+                y = matmul_weight(layer, dtype).T  # (in, out)
                 y = x2 @ y if layer.bias is None else torch.addmm(layer.bias.to(dtype), x2, y)
                 y.addmm_(ha, b.to(dtype).T, alpha=scaling)  # (N, out)
         ctx.save_for_backward(h2, ha, a, b)
@@ -74,7 +74,7 @@ class LoRAFunction(torch.autograd.Function):
             gyb = gy2 @ b.to(dtype)  # (N, r)
             gx = gh = None
             if need_x:
-                gx = gy2 @ _dense_weight(ctx.layer, dtype)  # (N, in)
+                gx = gy2 @ matmul_weight(ctx.layer, dtype)  # (N, in)
                 if ctx.same_input:
                     gx.addmm_(gyb, a.to(dtype), alpha=s)
                 gx = gx.reshape(ctx.x_shape).to(ctx.x_dtype)
@@ -84,11 +84,6 @@ class LoRAFunction(torch.autograd.Function):
             ga = (gyb.T @ h2).mul_(s).to(a.dtype) if need_a else None  # (r, in)
             gb = (gy2.T @ ha).mul_(s).to(b.dtype) if need_b else None  # (out, r)
         return gx, gh, ga, gb, None, None, None, None
-
-
-def _dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The base's (out, in) weight in `dtype`: dequantized, or a plain layer's own tensor (no copy)."""
-    return dequantized_weight(layer, dtype) if is_quantized(layer) else layer.weight.to(dtype)
 
 
 class LoRALinear(LinearWrapper):
