@@ -92,13 +92,14 @@ def reference_text() -> str:
 
 @torch.no_grad()
 def reference_perplexity(model: nn.Module, tokenizer, device: torch.device, text: str | None = None,
-                         window: int = 256) -> float:
-    """Perplexity of `text` (default: the shipped general reference text), scored in windows of `window` tokens."""
+                         window: int = 256, micro_batch_size: int = 4, chunk_size: int = 1024) -> float:
+    """Perplexity of `text` (default: the shipped general reference text), scored in windows of `window` tokens,
+    `micro_batch_size` windows per forward."""
     ids = tokenizer(text or reference_text(), add_special_tokens=False)["input_ids"]
     rows = [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) > 1]
     dataset = [{"input_ids": r, "labels": r} for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return eval_loss(model, dataset, 4, pad, 1024, device)["eval_perplexity"]
+    return eval_loss(model, dataset, micro_batch_size, pad, chunk_size, device)["eval_perplexity"]
 
 
 def forgetting_lines(base: dict[str, float], trained: dict[str, float]) -> list[str]:
@@ -119,10 +120,12 @@ def forgetting_lines(base: dict[str, float], trained: dict[str, float]) -> list[
 def score_model(model: nn.Module, tokenizer, cfg: RunConfig, device: torch.device, eval_set=None,
                 pairs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Task and general-text metrics of `model`, computed the same way for the base and the trained model."""
-    out: dict[str, Any] = {"reference_perplexity": reference_perplexity(model, tokenizer, device)}
+    # the training micro-batch and loss chunk: scoring must not need more memory than the training it brackets
+    t = cfg.training
+    out: dict[str, Any] = {"reference_perplexity": reference_perplexity(
+        model, tokenizer, device, micro_batch_size=t.micro_batch_size, chunk_size=t.loss_chunk_size)}
     if eval_set is not None:
-        out.update(eval_loss(model, eval_set, cfg.training.micro_batch_size, tokenizer.pad_token_id,
-                             cfg.training.loss_chunk_size, device))
+        out.update(eval_loss(model, eval_set, t.micro_batch_size, tokenizer.pad_token_id, t.loss_chunk_size, device))
     if pairs:
         em = exact_match(model, tokenizer, pairs, cfg.eval.max_new_tokens, device)
         out.update(exact_match=em["exact_match"], exact_match_n=em["n"], samples=em["samples"])

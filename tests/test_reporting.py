@@ -51,6 +51,28 @@ def test_reference_perplexity_is_exp_of_the_mean_token_loss(tiny_model_dir):
                                                                                                      rel=1e-4)
 
 
+def test_scoring_runs_with_the_training_micro_batch_and_loss_chunk(tiny_model_dir, dates_file, tmp_path,
+                                                                    monkeypatch):
+    """The general-text score after training must not need more memory than the training steps: it runs the
+    training micro-batch and loss chunk (at 7B it ran 4 windows per forward and became the run's peak)."""
+    import qtrain.evaluate as evaluate
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file))
+    t = cfg.training.model_copy(update={"micro_batch_size": 1, "loss_chunk_size": 32})
+    cfg = cfg.model_copy(update={"training": t})
+    calls = []
+    real = evaluate.eval_loss
+    monkeypatch.setattr(evaluate, "eval_loss", lambda m, d, mb, pad, chunk, dev: calls.append((mb, chunk)) or
+                        real(m, d, mb, pad, chunk, dev))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tok = make_tokenizer()
+    scored = evaluate.score_model(model, tok, cfg, torch.device("cpu"))
+    assert calls == [(1, 32)]
+    four = reference_perplexity(model, tok, torch.device("cpu"))  # the defaults: 4 windows per forward
+    assert scored["reference_perplexity"] == pytest.approx(four, rel=1e-5)
+
+
 def test_forgetting_lines_show_change():
     lines = forgetting_lines({"reference_perplexity": 10.0, "exact_match": 0.0},
                              {"reference_perplexity": 11.0, "exact_match": 0.9})
