@@ -3,6 +3,8 @@
     python benchmarks/compare.py                 # the grid (4/8-bit × seq 256/1024 × micro-batch 1/4), then curves
     python benchmarks/compare.py --only 4-256-4  # one grid point (bits-seq-microbatch)
     python benchmarks/compare.py --curves-only   # only the learning curves
+    python benchmarks/compare.py --model /tmp/qtrain-bench-tinyllama-1.1b-random --only 4-256-1 --no-curves
+                                                 # another local checkpoint (e.g. load_memory.py's random 1.1B)
 
 Both systems train the same thing: SmolLM2-135M-Instruct (the shipped model), base frozen in 4-bit NF4 with
 double quantization or 8-bit, LoRA r=16 alpha=32 dropout 0 on every linear layer of the blocks, AdamW, gradient
@@ -91,11 +93,19 @@ def rss_peak() -> int:
     raise AssertionError("no VmHWM in /proc/self/status")
 
 
+_MODEL: Path | None = None  # --model; None: the shipped SmolLM2
+
+
 def smollm2() -> Path:
     from qtrain.config import ModelSection
     from qtrain.modeling import resolve_model_path
 
     return resolve_model_path(ModelSection(path="smollm2-135m-instruct"))
+
+
+def model_dir() -> Path:
+    """The checkpoint both systems train: `--model`, or the shipped SmolLM2."""
+    return _MODEL or smollm2()
 
 
 # ------------------------------------------------------------------------------------------- the two systems
@@ -112,7 +122,7 @@ def build_baseline(bits: int, dtype, upcast: bool = True):
                                 bnb_4bit_compute_dtype=dtype)
     else:
         qc = BitsAndBytesConfig(load_in_8bit=True)
-    model = AutoModelForCausalLM.from_pretrained(smollm2(), quantization_config=qc, dtype=dtype, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir(), quantization_config=qc, dtype=dtype, device_map="cpu")
     if upcast:
         model = prepare_model_for_kbit_training(model)  # use_gradient_checkpointing=True by default
     else:  # the same recipe minus the fp32 upcast of the frozen non-quantized weights
@@ -138,7 +148,7 @@ def qtrain_config(bits: int, dtype_name: str, mb: int, seq: int):
     from qtrain.config import validate_config
 
     return validate_config({
-        "model": {"path": "smollm2-135m-instruct"},
+        "model": {"path": str(model_dir())},
         "quantization": {"bits": bits, "compute_dtype": dtype_name},
         "peft": [{"method": "lora", **LORA, "target_modules": "all-linear"}],
         "data": {"train": str(ROOT / "configs/data/dates-train.jsonl"), "max_seq_len": seq},
@@ -195,7 +205,7 @@ def worker(system: str, bits: int, seq: int, mb: int, dtype_name: str, warmup: i
     else:
         model, optimizer, step = build_baseline(bits, dtype, upcast=system == "baseline")
     load_s = time.perf_counter() - t0
-    data = batches(AutoTokenizer.from_pretrained(smollm2()), mb, seq, warmup + steps + 1)
+    data = batches(AutoTokenizer.from_pretrained(model_dir()), mb, seq, warmup + steps + 1)
     losses = [step(b) for b in data[:warmup]]
     rss_reset()
     times = []
@@ -220,7 +230,7 @@ def floor_bytes(bits: int, seq: int, mb: int, dtype_name: str) -> int:
     from qtrain.memory import estimate, setup_from_config
 
     cfg = qtrain_config(bits, dtype_name, mb, seq)
-    model_cfg = json.loads((smollm2() / "config.json").read_text())
+    model_cfg = json.loads((model_dir() / "config.json").read_text())
     est = estimate(setup_from_config(cfg, model_cfg, device="cpu"))
     c, d = est.components, est.details
     chunk = min(cfg.training.loss_chunk_size, mb * (seq - 1))
@@ -258,7 +268,7 @@ def curve_worker(system: str, dtype_name: str, steps: int) -> dict:
         model, _, step = build_qtrain(4, dtype_name, 4, 128)
     else:
         model, _, step = build_baseline(4, dtype, upcast=system == "baseline")
-    tok = AutoTokenizer.from_pretrained(smollm2())
+    tok = AutoTokenizer.from_pretrained(model_dir())
     section = DataSection(train=str(ROOT / "configs/data/dates-train.jsonl"), max_seq_len=128)
     train_set, _ = prepare(section.train, section, tok, "data.train")
     eval_set, _ = prepare(str(ROOT / "configs/data/dates-eval.jsonl"), section, tok, "data.eval")
@@ -279,6 +289,8 @@ def curve_worker(system: str, dtype_name: str, steps: int) -> dict:
 def run_worker(*args: str, curve: bool = False, warmup: int = 1) -> dict:
     """One measurement in a fresh process (its RSS and allocator state are its own)."""
     flag = ["--curve-worker"] if curve else ["--warmup", str(warmup), "--worker"]
+    if _MODEL is not None:
+        flag = ["--model", str(_MODEL), *flag]
     out = subprocess.run([sys.executable, __file__, *flag, *args], capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(f"worker {args} failed:\n{out.stderr[-3000:]}")
@@ -350,7 +362,10 @@ def main() -> None:
     ap.add_argument("--curves-only", action="store_true")
     ap.add_argument("--no-curves", action="store_true")
     ap.add_argument("--json", help="also write every measurement here")
+    ap.add_argument("--model", type=Path, help="a local checkpoint folder to train instead of the shipped SmolLM2")
     args = ap.parse_args()
+    global _MODEL
+    _MODEL = args.model
     if args.worker:
         system, bits, seq, mb, dtype_name, steps = args.worker
         print(json.dumps(worker(system, int(bits), int(seq), int(mb), dtype_name, args.warmup, int(steps))))
