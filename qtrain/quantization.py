@@ -132,11 +132,12 @@ def matmul_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         return w.to(dtype)
     if w.device.type != "cpu":
         return dequantized_weight(layer, dtype)
-    out = _scratch(tuple(w.shape if isinstance(layer, bnb.nn.Linear8bitLt) else w.quant_state.shape), dtype)
     if isinstance(layer, bnb.nn.Linear8bitLt):
         scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
+        out = _scratch(tuple(w.shape), dtype)
         return out.copy_(w.data).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))  # as `dequantized_weight`, in place
-    return out if _dequantize_4bit_cpu(w, out) else dequantized_weight(layer, dtype)
+    out = _dequantize_4bit_cpu(w, dtype)
+    return out if out is not None else dequantized_weight(layer, dtype)
 
 
 _SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # (thread, dtype) -> flat CPU buffer
@@ -157,24 +158,25 @@ def scratch_tensors() -> list[torch.Tensor]:
     return list(_SCRATCH.values())
 
 
-def _dequantize_4bit_cpu(w: torch.Tensor, out: torch.Tensor) -> bool:
-    """Write a 4-bit weight into `out` with bitsandbytes' own CPU kernel, the one `dequantize_4bit` calls (whose
-    CPU backend has no `out=` form). False where that backend would not use this kernel either."""
+def _dequantize_4bit_cpu(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """A 4-bit weight written into the reused buffer by bitsandbytes' own CPU kernel, the one `dequantize_4bit`
+    calls (whose CPU backend has no `out=` form). None where that backend would not use this kernel either."""
     state = w.quant_state
-    fn = _DEQUANTIZE_4BIT.get((state.quant_type, out.dtype))
+    fn = _DEQUANTIZE_4BIT.get((state.quant_type, dtype))
     rows, cols = state.shape
     if (fn is None or isinstance(lib, ErrorHandlerMockBNBNativeLibrary) or not hasattr(lib, fn) or cols % 2
             or (state.blocksize >= 2048 and torch.backends.cpu.get_cpu_capability() == "AVX512")):
-        return False
+        return None
     absmax = state.absmax
     if state.nested:
         absmax = dequantize_blockwise(state.absmax, state.state2)
         absmax += state.offset
     absmax = absmax.float().contiguous()  # named: the C call must not outlive the tensors it points into
     packed = w.data.view(torch.uint8).reshape(rows, cols // 2).contiguous()
+    out = _scratch((rows, cols), dtype)
     getattr(lib, fn)(get_ptr(packed), get_ptr(absmax), get_ptr(out),
                      ctypes.c_longlong(state.blocksize), ctypes.c_longlong(rows), ctypes.c_longlong(cols))
-    return True
+    return out
 
 
 def weight_nbytes(layer: nn.Module) -> int:
