@@ -111,13 +111,13 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> to
     if isinstance(layer, bnb.nn.Linear4bit):
         state = w.quant_state
         if dtype in (torch.float32, torch.bfloat16, torch.float16) and dtype != state.dtype:
-            state = copy.copy(state)  # written in `dtype` directly: the same values as a cast, one pass fewer
+            # written in `dtype` directly, one pass fewer: into 16 bits the values of a cast; into fp32 from a
+            # 16-bit state the exact products, not the 16-bit rounding of them
+            state = copy.copy(state)
             state.dtype = dtype
         dense = dequantize_4bit(w.data, state)
     elif isinstance(layer, bnb.nn.Linear8bitLt):
-        scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
-        # bnb's own training matmul (MatMul8bitFp) dequantizes exactly so: row scale / 127, in the target dtype
-        return w.data.to(dtype or torch.float32).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+        return _int8_dequantized(layer, torch.empty(w.shape, dtype=dtype or torch.float32, device=w.device))
     else:
         dense = w.detach().clone()
     return dense.to(dtype) if dtype is not None else dense
@@ -133,11 +133,21 @@ def matmul_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if w.device.type != "cpu":
         return dequantized_weight(layer, dtype)
     if isinstance(layer, bnb.nn.Linear8bitLt):
-        scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
-        out = _scratch(tuple(w.shape), dtype)
-        return out.copy_(w.data).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))  # as `dequantized_weight`, in place
+        return _int8_dequantized(layer, _scratch(tuple(w.shape), dtype))
     out = _dequantize_4bit_cpu(w, dtype)
     return out if out is not None else dequantized_weight(layer, dtype)
+
+
+def _int8_scb(layer: nn.Module) -> torch.Tensor:
+    """An 8-bit layer's per-row absmax (out,)."""
+    w = layer.weight
+    return w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
+
+
+def _int8_dequantized(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """`out` (out, in) ← the int8 weight times row absmax / 127, in out's dtype: exactly how bnb's own training
+    matmul (MatMul8bitFp) dequantizes."""
+    return out.copy_(layer.weight.data).mul_(_int8_scb(layer).unsqueeze(1).mul(1.0 / 127.0))
 
 
 _SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # (thread, dtype) -> flat CPU buffer
@@ -189,7 +199,7 @@ def weight_nbytes(layer: nn.Module) -> int:
         if qs.nested and qs.state2 is not None:
             n += qs.state2.absmax.numel() * qs.state2.absmax.element_size() + qs.state2.code.numel() * 4
     elif isinstance(layer, bnb.nn.Linear8bitLt):
-        scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
+        scb = _int8_scb(layer)
         n += scb.numel() * scb.element_size()
     return n
 

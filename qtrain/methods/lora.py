@@ -21,8 +21,9 @@ gA = s·(gy·B)ᵀ·x). That drops the scaling and addition passes over every (t
 backward, saves only x and the (tokens × r) x·Aᵀ, and dequantizes W once in forward and once in backward, as
 bitsandbytes' own matmul does (on CPU into one reused buffer: `quantization.matmul_weight`). In a checkpointed
 block's recompute, a layer whose output the recompute never reads (`recompute_tail`, which `enable_checkpointing`
-sets on the MLP's down projection) computes only the x·Aᵀ that backward saves and skips its base matmul. Evaluation and generation use the composed modules above; the
-paths agree to float tolerance (tests/test_fast_paths.py).
+sets on the MLP's down projection) computes only the x·Aᵀ that backward saves and skips its base matmul.
+Evaluation and generation use the composed modules above; the paths agree to float tolerance
+(tests/test_fast_paths.py).
 """
 
 from __future__ import annotations
