@@ -53,6 +53,8 @@ GRID = [
     ("medium", "none", False, {"r": 4}, 2, 128, "adamw", "sdpa", "auto"),
     ("medium", "none", True, {}, 8, 64, "paged_adamw_8bit", "sdpa", "auto"),
     ("medium", 4, True, {"r": 64, "target_modules": QV}, 2, 192, "adamw", "sdpa", "bfloat16"),
+    ("medium", 8, True, {"target_modules": QV}, 4, 256, "adamw", "sdpa", "auto"),
+    ("medium", 4, True, {"target_modules": QV}, 4, 256, "adamw", "sdpa", "auto"),
 ]
 
 

@@ -325,19 +325,9 @@ def _verify(cfg, model_path: Path, adapter_dir: Path, folder: Path, dtype: str, 
 
 @torch.no_grad()
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the trained quantized model in the mode whose numerics are `dequantized weight @ x`.
-
-    Everything is in eval mode (no dropout), except bnb's 8-bit layers: on CPU they multiply by the dequantized
-    weight in training mode but quantize the activations to int8 in eval mode, which is not what training saw
-    (training runs them in training mode). Their forward has no dropout or other randomness, so training mode
-    for them alone changes nothing else.
-    """
-    from qtrain.quantization import bits_of
-
+    """Logits of the trained quantized model in eval mode (no dropout): `dequantized weight @ x` in every
+    quantized linear, the numbers training computed with (`quantization.FrozenMatmul`)."""
     model.eval()
-    for m in model.modules():
-        if bits_of(m) == 8:
-            m.train()
     return model(ids[None]).logits[0].float()
 
 

@@ -6,8 +6,8 @@ trainable parameters as fp32 masters with their gradients and optimizer states, 
 saves in one micro-batch's forward: per decoder layer the fp32 inputs of the two RMSNorms, the rotated q/k/v
 and attention output (repeat_kv copies when a padding mask is present), the MLP's gate/silu/up tensors, and each
 LoRA's input (shared when fp32, one copy per wrapper under 16-bit autocast or dropout) and rank-r intermediate.
-With checkpointing only each layer's input survives (plus the inputs bnb's 8-bit matmul holds outside autograd's
-saved tensors), and one layer is recomputed in backward. The loss never builds the full logits: the output head
+With checkpointing only each layer's input survives, and one layer is recomputed in backward (a quantized linear
+saves nothing of its own: `quantization.FrozenMatmul`). The loss never builds the full logits: the output head
 runs on target positions in chunks of `training.loss_chunk_size`, each chunk's gradient made in forward over its
 own logits, so the logits term is one chunk of fp32 logits.
 Each quantized linear call dequantizes its weight, so one dense weight is scratch (on CPU a buffer kept all run).
@@ -173,38 +173,26 @@ def _layer_saved_per_token(s: Setup, layer: int) -> float:
                 shared = max(shared, min(hit, 1))
             else:
                 copies += hit
-        if s.bits == 8:  # bnb's 8-bit matmul keeps its input for backward (as ctx.A / ctx.tensors)
-            shared = 1
         total += size[group] * e * (shared + copies)
     return total
 
 
 def _fused_lora(block: Any) -> bool:
-    """Does this block train through `LoRAFunction` (plain LoRA, not DoRA)? Its linears bypass bnb's matmul."""
+    """Does this block train through `LoRAFunction` (plain LoRA, not DoRA)?"""
     return getattr(block, "method", None) == "lora" and not getattr(block, "dora", False)
-
-
-def _bnb8_kept_per_token(s: Setup) -> float:
-    """Bytes per token bnb's 8-bit matmul holds as a plain ctx attribute, which a checkpoint's saved-tensor
-    hooks never see: the input of each linear group that some layer runs through bnb's matmul in training
-    (one not wrapped by a fused LoRA). Measured: -15% without this term when every linear went through bnb."""
-    if s.bits != 8:
-        return 0.0
-    size = {"attn_in": s.arch.hidden, "o_in": s.arch.heads * s.arch.head_dim, "mlp_in": s.arch.hidden,
-            "down_in": s.arch.intermediate}
-    fused: set[str] = set()
-    for b, chosen in zip(s.blocks, _layout(s)[1]):
-        if chosen and _fused_lora(b):
-            fused |= set(chosen)
-    return sum(size[g] for g, names in GROUPS.items()
-               if any(f"model.layers.0.{n}" not in fused for n in names)) * s.compute_bytes
 
 
 def _layer_transient_per_token(s: Setup) -> float:
     """Bytes per token alive beside the saved activations while one layer runs backward. The MLP's and
     attention's gradients reuse what the layer's freed activations held; what stays is about four hidden-sized
-    fp32 gradients of the residual stream and the norms (measured: 3.3-4.3 hidden x 4 bytes per token)."""
-    return 4 * s.arch.hidden * 4
+    fp32 gradients of the residual stream and the norms (measured: 3.3-4.3 hidden x 4 bytes per token). Where
+    no LoRA keeps the MLP's down-projection input, nothing intermediate-sized is freed before the gradient of
+    silu(gate)·up is made beside its saved factors: one more (tokens x intermediate) tensor (measured: -3.8 %
+    without it at LoRA q,v with checkpointing)."""
+    down = "model.layers.{}." + GROUPS["down_in"][0]
+    kept = any(chosen is None or any(down.format(i) in chosen for i in range(s.arch.layers))
+               for chosen in _layout(s)[1])
+    return 4 * s.arch.hidden * 4 + (0 if kept else s.arch.intermediate * s.compute_bytes)
 
 
 def estimate(s: Setup) -> Estimate:
@@ -238,8 +226,7 @@ def estimate(s: Setup) -> Estimate:
     shared = 2 * s.micro_batch * s.tokens * a.head_dim * e + mask  # rotary cos/sin, attention mask
     shared += n_tok * a.hidden * 4 + targets * a.hidden * e  # final norm's fp32 input; the gathered targets
     per_layer = [_layer_saved_per_token(s, i) * n_tok for i in range(a.layers)]
-    # Checkpointing keeps each layer's input, and what bnb's 8-bit matmul holds outside autograd's saved tensors
-    layer, layer_ckpt = max(per_layer), n_tok * (a.hidden * e + _bnb8_kept_per_token(s))
+    layer, layer_ckpt = max(per_layer), n_tok * a.hidden * e  # checkpointing keeps each layer's input
     saved = shared + (a.layers * layer_ckpt if s.checkpointing else sum(per_layer))
     recompute = layer if s.checkpointing else 0  # the one layer re-run during its backward
     layer_ws = recompute + _layer_transient_per_token(s) * n_tok

@@ -2,7 +2,7 @@
 
 Everything else (PEFT methods, export, the planner) sees a linear layer through four calls:
 
-    quantize_linear(linear, spec)   -> a frozen bnb Linear4bit / Linear8bitLt holding the same weight
+    quantize_linear(linear, spec)   -> a frozen bnb Linear4bit / Linear8bitLt subclass holding the same weight
     dequantized_weight(layer)       -> the dense (out, in) weight the layer actually multiplies by
     matmul_weight(layer, dtype)     -> the same, for one matmul right away (the fused training paths)
     is_linear(module)               -> plain, 4-bit or 8-bit linear?
@@ -11,9 +11,16 @@ Everything else (PEFT methods, export, the planner) sees a linear layer through 
 so M PEFT methods × N storage formats cost M + N code. Quantization is an explicit call on a real tensor,
 never a side effect of `.to()`.
 
-One deliberate deviation from bnb's defaults: on CPUs with AVX512-BF16, bnb's `Linear4bit` repacks its weight
-into a different layout the first time it runs in eval mode without gradients. That makes eval numerics differ
-from training numerics and mutates the frozen base, so `quantize_linear` switches it off.
+The layers `quantize_linear` makes are bnb's classes (state dicts, FSDP and every `isinstance` see bnb's)
+with qtrain's forward, `FrozenMatmul`: y = x·Wᵀ + b with W dequantized by `matmul_weight` in forward and again
+in backward, nothing saved. It is the frozen base's part of the fused LoRA path, so every other method, the
+composed modules and evaluation multiply by the same weight in the same dtype as LoRA's training does, and on
+CPU they get its reused buffer too (bnb's CPU layers write a fresh dense weight per call). It replaces bnb's
+forward where bnb's would differ: 8-bit everywhere (bnb's own layer quantizes the activations to int8 outside
+training, ~1 % error against the weight trained with) and 4-bit on CPU; 4-bit on an accelerator keeps bnb's
+forward (the same dequantize-and-multiply, with its single-token inference kernel). On CPUs with AVX512-BF16
+bnb's `Linear4bit` would also repack its weight into another layout the first time it ran in eval mode
+without gradients (other numerics, a mutated base); `quantize_linear` switches that off.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import bitsandbytes as bnb
 from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
 from bitsandbytes.functional import dequantize_4bit, dequantize_blockwise, get_ptr, int8_vectorwise_quant, quantize_4bit
 
+from qtrain.numerics import matmul_dtype
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -41,6 +50,46 @@ class QuantSpec:
     blocksize: int = 64
     compute_dtype: torch.dtype = torch.float32
     quant_storage: torch.dtype = torch.uint8  # a float dtype here lets FSDP shard 4-bit weights (FSDP-QLoRA)
+
+
+class FrozenMatmul(torch.autograd.Function):
+    """y = x·Wᵀ + bias over a frozen quantized `layer`, multiplied in `dtype`; returned in x's dtype (as bnb's
+    4-bit layer does). W comes from `matmul_weight` in forward and again in backward: nothing is saved."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer: nn.Module, dtype: torch.dtype):
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
+            w = matmul_weight(layer, dtype).T  # (in, out)
+            y = x2 @ w if bias is None else torch.addmm(bias.to(dtype), x2, w)  # (N, out)
+        ctx.layer, ctx.dtype, ctx.x_shape, ctx.x_dtype = layer, dtype, x.shape, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        need_x, need_bias = ctx.needs_input_grad[:2]
+        with torch.autocast(gy.device.type, enabled=False):
+            gy2 = gy.reshape(-1, gy.shape[-1]).to(ctx.dtype)  # (N, out)
+            gx = (gy2 @ matmul_weight(ctx.layer, ctx.dtype)).reshape(ctx.x_shape).to(ctx.x_dtype) if need_x else None
+            gb = gy2.sum(0).to(ctx.bias_dtype) if need_bias else None
+        return gx, gb, None, None
+
+
+class Linear4bit(bnb.nn.Linear4bit):
+    """bnb's 4-bit layer; on CPU it multiplies through `FrozenMatmul` (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        return FrozenMatmul.apply(x, self.bias, self, matmul_dtype(x, self.compute_dtype))
+
+
+class Linear8bitLt(bnb.nn.Linear8bitLt):
+    """bnb's 8-bit layer multiplying through `FrozenMatmul` on every device (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FrozenMatmul.apply(x, self.bias, self, matmul_dtype(x))
 
 
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
@@ -75,7 +124,7 @@ def quantize_linear(linear: nn.Linear, spec: QuantSpec) -> nn.Module:
         layer = nn.Linear(in_features, out_features, bias=has_bias, device="meta")
         layer.weight = nn.Parameter(weight.to(spec.compute_dtype), requires_grad=False)
     elif spec.bits == 4:
-        layer = bnb.nn.Linear4bit(
+        layer = Linear4bit(
             in_features, out_features, bias=has_bias, compute_dtype=spec.compute_dtype,
             compress_statistics=spec.double_quant, quant_type=spec.quant_type, device="meta",
         )
@@ -91,7 +140,7 @@ def quantize_linear(linear: nn.Linear, spec: QuantSpec) -> nn.Module:
         layer.quant_state = state
         layer.support_avx512bf16_for_cpu = False  # keep one numeric path for train and eval (module docstring)
     elif spec.bits == 8:
-        layer = bnb.nn.Linear8bitLt(
+        layer = Linear8bitLt(
             in_features, out_features, bias=has_bias, has_fp16_weights=False, threshold=0.0, device="meta",
         )
         cb, scb, _ = int8_vectorwise_quant(weight.contiguous().to(torch.float16))
