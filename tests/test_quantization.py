@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from qtrain.quantization import (QuantSpec, bits_of, dequantized_weight, is_quantized, matmul_weight, quantize_linear,
+from bitsandbytes.functional import get_4bit_type, quantize_4bit
+
+from qtrain.quantization import (QuantSpec, _quantize_4bit, bits_of, dequantized_weight, is_quantized, matmul_weight, quantize_linear,
                                  scratch_tensors, weight_nbytes)
 
 SPECS = [QuantSpec(bits=4, quant_type="nf4", double_quant=True),
@@ -144,3 +146,35 @@ def test_float_quant_storage_changes_nothing_but_the_dtype(storage):
     assert torch.equal(dequantized_weight(fsdp), dequantized_weight(plain))
     x = torch.randn(3, 128)
     assert torch.equal(fsdp(x), plain(x))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype,blocksize,storage", [(torch.float32, 64, torch.uint8), (torch.bfloat16, 32, torch.uint8),
+                                                     (torch.float16, 256, torch.uint8),
+                                                     (torch.bfloat16, 64, torch.bfloat16)])
+def test_chunked_4bit_quantization_is_bnbs_bit_for_bit(quant_type, double_quant, dtype, blocksize, storage):
+    """The loader's CPU quantizer equals bnb's `quantize_4bit` in every packed byte and every state field, over
+    several chunks with a partial last one, and at the edge cases of the code search: a zero block, values
+    exactly at the midpoints between codes and at ±absmax."""
+    torch.manual_seed(0)
+    w = torch.randn(600, 1024).to(dtype)  # 614,400 weights: 2 full chunks of 2^18 and a partial one
+    code = get_4bit_type(quant_type, device="cpu")
+    mids = (code.sort().values[:-1] + code.sort().values[1:]) / 2
+    w[0, :blocksize] = 0
+    w[1, :15] = mids.to(dtype)  # in a block whose absmax is 1
+    w[1, 15:blocksize] = torch.linspace(-1, 1, blocksize - 15).to(dtype)
+    spec = QuantSpec(bits=4, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
+                     quant_storage=storage)
+    packed, state = _quantize_4bit(w, spec)
+    ref_packed, ref = quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type,
+                                    quant_storage=storage)
+    assert packed.dtype == ref_packed.dtype and packed.shape == ref_packed.shape
+    assert torch.equal(packed.view(torch.uint8), ref_packed.view(torch.uint8))
+    assert torch.equal(state.absmax, ref.absmax) and torch.equal(state.code, ref.code)
+    assert (state.shape, state.dtype, state.blocksize, state.quant_type, state.nested) == \
+        (ref.shape, ref.dtype, ref.blocksize, ref.quant_type, ref.nested)
+    if double_quant:
+        assert torch.equal(state.offset, ref.offset)
+        assert torch.equal(state.state2.absmax, ref.state2.absmax) and torch.equal(state.state2.code, ref.state2.code)
+        assert state.state2.blocksize == ref.state2.blocksize
