@@ -127,8 +127,9 @@ class TrainingSection(Section):
     log_every: PositiveInt = 1
     eval_every: PositiveInt | None = None
     """Every N optimizer steps: eval loss/perplexity on the eval data (and exact match, see eval.during_training)."""
-    loss_chunk_size: PositiveInt = 256
-    """Target tokens per chunk of the output projection + cross-entropy (never the full logits at once)."""
+    loss_chunk_size: PositiveInt = 128
+    """Target tokens per chunk of the output projection + cross-entropy (never the full logits at once). 128:
+    half the logits memory of 256 at the same speed on CPU (SmolLM2's vocabulary; 64 was 10-20 % slower)."""
     save_every: PositiveInt | None = 100
     """Write a checkpoint every this many optimizer steps (null: only at the end and on SIGINT/SIGTERM)."""
     keep_last: PositiveInt | None = 2

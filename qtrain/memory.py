@@ -59,7 +59,7 @@ class Setup:
     checkpointing: bool = True
     optimizer: str = "adamw"
     attention: str = "sdpa"
-    loss_chunk: int = 256
+    loss_chunk: int = 128  # training.loss_chunk_size
     device: str = "cuda"
 
     @property
