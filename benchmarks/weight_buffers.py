@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-import qtrain.methods.lora as lora_module
+import qtrain.quantization as quantization
 from qtrain.methods.lora import LoRALinear
 from qtrain.quantization import QuantSpec, dequantized_weight, matmul_weight, quantize_linear
 
@@ -81,10 +81,10 @@ def main() -> None:
             label = f"| {bits} | {name} ({n_in} → {n_out}) |"
             layer = LoRALinear(quantize_linear(nn.Linear(n_in, n_out, bias=False), QuantSpec(bits)), 16, 32).train()
             x = torch.randn(args.tokens, n_in, requires_grad=True)
-            best, _ = alternate(layer, x, {"fresh": lambda: setattr(lora_module, "matmul_weight", fresh_weight),
-                                           "reused": lambda: setattr(lora_module, "matmul_weight", matmul_weight)},
+            best, _ = alternate(layer, x, {"fresh": lambda: setattr(quantization, "matmul_weight", fresh_weight),
+                                           "reused": lambda: setattr(quantization, "matmul_weight", matmul_weight)},
                                 args)
-            lora_module.matmul_weight = matmul_weight
+            quantization.matmul_weight = matmul_weight
             (fm, ff, fs), (rm, rf, rs) = best["fresh"], best["reused"]
             train_rows.append(f"{label} {fm:.1f} | {rm:.1f} | **{fm / rm:.2f}** | {ff:,.0f} → {rf:,.0f} "
                               f"| {fs:.3f} → {rs:.3f} |")
@@ -95,7 +95,8 @@ def main() -> None:
                                    args, backward=False)
             (bm, bf, _), (qm, qf, _) = best["bnb"], best["qtrain"]
             diff = (outs["bnb"] - outs["qtrain"]).abs().max().item()
-            eval_rows.append(f"{label} {bm:.1f} | {qm:.1f} | **{bm / qm:.2f}** | {bf:,.0f} → {qf:,.0f} | {diff:.1e} |")
+            eval_rows.append(f"{label} {bm:.1f} | {qm:.1f} | **{bm / qm:.2f}** | {bf:,.0f} → {qf:,.0f} "
+                             f"| {diff:.1e} |")
             print(train_rows[-1], eval_rows[-1], flush=True)  # progress
             del layer, base, x
     print(f"\nLoRA r=16 forward + backward over {args.tokens} tokens, fp32, {torch.get_num_threads()} threads\n")

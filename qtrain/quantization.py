@@ -5,6 +5,7 @@ Everything else (PEFT methods, export, the planner) sees a linear layer through 
     quantize_linear(linear, spec)   -> a frozen bnb Linear4bit / Linear8bitLt subclass holding the same weight
     dequantized_weight(layer)       -> the dense (out, in) weight the layer actually multiplies by
     matmul_weight(layer, dtype)     -> the same, for one matmul right away (the fused training paths)
+    linear_product / linear_input_grad -> x·Wᵀ + b and gy·W with that weight (every fused path's frozen part)
     is_linear(module)               -> plain, 4-bit or 8-bit linear?
     weight_nbytes(layer)            -> bytes the stored weight takes (packed data + quantization constants)
 
@@ -60,9 +61,7 @@ class FrozenMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, layer: nn.Module, dtype: torch.dtype):
         with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
-            w = matmul_weight(layer, dtype).T  # (in, out)
-            y = x2 @ w if bias is None else torch.addmm(bias.to(dtype), x2, w)  # (N, out)
+            y = linear_product(x.reshape(-1, x.shape[-1]).to(dtype), layer, bias, dtype)  # (N, out)
         ctx.layer, ctx.dtype, ctx.x_shape, ctx.x_dtype = layer, dtype, x.shape, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
@@ -72,7 +71,7 @@ class FrozenMatmul(torch.autograd.Function):
         need_x, need_bias = ctx.needs_input_grad[:2]
         with torch.autocast(gy.device.type, enabled=False):
             gy2 = gy.reshape(-1, gy.shape[-1]).to(ctx.dtype)  # (N, out)
-            gx = (gy2 @ matmul_weight(ctx.layer, ctx.dtype)).reshape(ctx.x_shape).to(ctx.x_dtype) if need_x else None
+            gx = linear_input_grad(gy2, ctx.layer, ctx.dtype).reshape(ctx.x_shape).to(ctx.x_dtype) if need_x else None
             gb = gy2.sum(0).to(ctx.bias_dtype) if need_bias else None
         return gx, gb, None, None
 
@@ -225,6 +224,18 @@ def matmul_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         return _int8_dequantized(layer, _scratch(tuple(w.shape), dtype))
     out = _dequantize_4bit_cpu(w, dtype)
     return out if out is not None else dequantized_weight(layer, dtype)
+
+
+def linear_product(x2: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """x2 (N, in) · Wᵀ + bias in `dtype`, W from `matmul_weight`: a frozen base's forward in every fused path."""
+    w = matmul_weight(layer, dtype).T  # (in, out)
+    return x2 @ w if bias is None else torch.addmm(bias.to(dtype), x2, w)  # (N, out)
+
+
+def linear_input_grad(gy2: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """gy2 (N, out) · W in `dtype`, W from `matmul_weight`: the same layer's input gradient (N, in)."""
+    return gy2 @ matmul_weight(layer, dtype)
 
 
 def _int8_scb(layer: nn.Module) -> torch.Tensor:

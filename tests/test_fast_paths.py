@@ -102,7 +102,7 @@ def test_model_gradients_equal_with_and_without_fused_paths(tiny_model_dir, date
     step (forward, backward) where every other projection's is used three times (forward, recompute, backward),
     except the first block's attention inputs, whose input gradient nothing needs (frozen embeddings).
     """
-    import qtrain.methods.lora as lora_module
+    import qtrain.quantization as quantization
     from accelerate import Accelerator
 
     import qtrain.train as train
@@ -126,8 +126,8 @@ def test_model_gradients_equal_with_and_without_fused_paths(tiny_model_dir, date
     model.train()
     data, _ = prepare(str(dates_file), DataSection(train=str(dates_file), max_seq_len=64), tok, "data.train")
     uses = collections.Counter()
-    dense_weight = lora_module.matmul_weight
-    monkeypatch.setattr(lora_module, "matmul_weight", lambda layer, dtype: uses.update([layer]) or
+    dense_weight = quantization.matmul_weight  # every fused path's frozen weight comes from here
+    monkeypatch.setattr(quantization, "matmul_weight", lambda layer, dtype: uses.update([layer]) or
                         dense_weight(layer, dtype))
     batch = next(iter(Batches(data, 4, 0, tok.pad_token_id)))
     results = []

@@ -8,8 +8,8 @@ from torch import nn
 
 from bitsandbytes.functional import get_4bit_type, quantize_4bit
 
-from qtrain.quantization import (QuantSpec, _quantize_4bit, bits_of, dequantized_weight, is_quantized, matmul_weight, quantize_linear,
-                                 scratch_tensors, weight_nbytes)
+from qtrain.quantization import (QuantSpec, _quantize_4bit, bits_of, dequantized_weight, is_quantized, matmul_weight,
+                                 quantize_linear, scratch_tensors, weight_nbytes)
 
 SPECS = [QuantSpec(bits=4, quant_type="nf4", double_quant=True),
          QuantSpec(bits=4, quant_type="fp4", double_quant=False), QuantSpec(bits=8), QuantSpec(bits=None)]
@@ -150,7 +150,8 @@ def test_float_quant_storage_changes_nothing_but_the_dtype(storage):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("dtype,blocksize,storage", [(torch.float32, 64, torch.uint8), (torch.bfloat16, 32, torch.uint8),
+@pytest.mark.parametrize("dtype,blocksize,storage", [(torch.float32, 64, torch.uint8),
+                                                     (torch.bfloat16, 32, torch.uint8),
                                                      (torch.float16, 256, torch.uint8),
                                                      (torch.bfloat16, 64, torch.bfloat16)])
 def test_chunked_4bit_quantization_is_bnbs_bit_for_bit(quant_type, double_quant, dtype, blocksize, storage):

@@ -41,7 +41,7 @@ from qtrain.methods.blocks import LoRABlock
 from qtrain.methods.wrapping import LinearWrapper, WrappingMethod
 from qtrain.numerics import dora_merged_weight, dora_weight_norm, lora_delta_weight, lora_scaling, matmul_dtype
 from qtrain.modeling import recomputing
-from qtrain.quantization import dequantized_weight, is_linear, matmul_weight
+from qtrain.quantization import dequantized_weight, is_linear, linear_input_grad, linear_product
 from qtrain.surgery import portable_targets
 
 
@@ -57,9 +57,8 @@ class LoRAFunction(torch.autograd.Function):
             if output_unused:  # a recompute that only needs what backward saves: no base matmul
                 y = ha.new_zeros(()).expand(x2.shape[0], layer.out_features)
             else:
-                y = matmul_weight(layer, dtype).T  # (in, out)
-                y = x2 @ y if layer.bias is None else torch.addmm(layer.bias.to(dtype), x2, y)
-                y.addmm_(ha, b.to(dtype).T, alpha=scaling)  # (N, out)
+                y = linear_product(x2, layer, layer.bias, dtype)  # (N, out)
+                y.addmm_(ha, b.to(dtype).T, alpha=scaling)
         ctx.save_for_backward(h2, ha, a, b)
         ctx.layer, ctx.scaling, ctx.dtype, ctx.same_input = layer, scaling, dtype, h is x
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -75,7 +74,7 @@ class LoRAFunction(torch.autograd.Function):
             gyb = gy2 @ b.to(dtype)  # (N, r)
             gx = gh = None
             if need_x:
-                gx = gy2 @ matmul_weight(ctx.layer, dtype)  # (N, in)
+                gx = linear_input_grad(gy2, ctx.layer, dtype)  # (N, in)
                 if ctx.same_input:
                     gx.addmm_(gyb, a.to(dtype), alpha=s)
                 gx = gx.reshape(ctx.x_shape).to(ctx.x_dtype)
