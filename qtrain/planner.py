@@ -237,7 +237,8 @@ def render(plan: Plan) -> str:
         lines.append("  changes, ranked (new predicted peak):")
         for sug in plan.suggestions:
             mark = "fits" if sug.fits else "over"
-            lines.append(f"    {fmt_bytes(sug.peak):>11}  {mark}  {sug.change}   [--set {' --set '.join(sug.overrides)}]")
+            sets = " --set ".join(sug.overrides)
+            lines.append(f"    {fmt_bytes(sug.peak):>11}  {mark}  {sug.change}   [--set {sets}]")
     return "\n".join(lines)
 
 

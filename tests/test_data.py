@@ -89,7 +89,8 @@ def test_other_file_formats(tokenizer, tmp_path, kind):
 @pytest.mark.parametrize("content,message", [
     ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', r"d\.jsonl:2: not valid JSON"),
     ('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"d\.jsonl:2: missing field 'output'"),
-    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": 5}\n', r"d\.jsonl:3: field 'output' is int"),
+    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": 5}\n',
+     r"d\.jsonl:3: field 'output' is int"),
     ('["not", "an", "object"]\n', r"array of objects"),
     ("", r"is empty"),
     ("\n\n", r"no examples"),

@@ -17,7 +17,8 @@ from qtrain.errors import QTrainError
 from conftest import make_tokenizer, write_config
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = [{"instruction": "Rewrite the date.", "input": f"March {i}, 2021", "output": f"2021-03-0{i}"} for i in range(1, 5)]
+ROWS = [{"instruction": "Rewrite the date.", "input": f"March {i}, 2021", "output": f"2021-03-0{i}"}
+        for i in range(1, 5)]
 
 
 def jsonl(path, rows):
@@ -145,7 +146,8 @@ def test_only_a_hub_id_reaches_the_hub_and_remote_code_stays_off(monkeypatch, tm
 
     calls = []
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo, **kw: calls.append(repo) or str(tmp_path))
-    assert resolve_model_path(ModelSection(path="some-owner/some-model")) == tmp_path and calls == ["some-owner/some-model"]
+    assert resolve_model_path(ModelSection(path="some-owner/some-model")) == tmp_path
+    assert calls == ["some-owner/some-model"]
     for local_looking in ("./missing/model/dir", str(tmp_path / "missing")):
         with pytest.raises(QTrainError, match="neither a local folder"):
             resolve_model_path(ModelSection(path=local_looking))

@@ -97,7 +97,8 @@ def test_merged_tensor_reproduces_the_wrapped_layer(tiny_model_dir, bits):
     from qtrain.config import ModelSection, QuantizationSection
     from qtrain.modeling import load_model
 
-    model = load_model(ModelSection(path=str(tiny_model_dir)), QuantizationSection(bits=bits), torch.device("cpu")).model
+    model = load_model(ModelSection(path=str(tiny_model_dir)), QuantizationSection(bits=bits),
+                       torch.device("cpu")).model
     method = LoRA(LoRABlock(method="lora", r=3, alpha=6, dropout=0.0, target_modules=["o_proj"]))
     for name, p in method.attach(model).items():
         nn.init.normal_(p, std=0.1)

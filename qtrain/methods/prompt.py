@@ -223,7 +223,8 @@ class PrefixTuning(Method):
 
     def attach(self, model: nn.Module) -> dict[str, nn.Parameter]:
         b: PrefixTuningBlock = self.block
-        start = None if b.projection else _keys_values(model, _init_ids(model, b, model.config.get_text_config().vocab_size))
+        vocab = model.config.get_text_config().vocab_size
+        start = None if b.projection else _keys_values(model, _init_ids(model, b, vocab))
         if hasattr(model, self.module_name):
             raise QTrainError("peft: two prefix_tuning blocks; use one with the total num_virtual_tokens")
         cfg = model.config.get_text_config()
