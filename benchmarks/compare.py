@@ -158,7 +158,7 @@ def qtrain_config(bits: int, dtype_name: str, mb: int, seq: int):
     })
 
 
-def build_qtrain(bits: int, dtype_name: str, mb: int, seq: int):
+def build_qtrain(bits: int, dtype_name: str, mb: int, seq: int, checkpointing: bool = True):
     """qtrain's own pieces, wired as `qtrain run` wires them."""
     import torch
     from accelerate import Accelerator
@@ -174,7 +174,8 @@ def build_qtrain(bits: int, dtype_name: str, mb: int, seq: int):
     params: dict = {}
     for method in build_methods(cfg.peft):
         params.update(method.attach(model))
-    enable_checkpointing(model)
+    if checkpointing:
+        enable_checkpointing(model)
     model.train()
     optimizer = make_optimizer([{"params": list(params.values()), "lr": LR}], cfg.training)
 
@@ -380,8 +381,9 @@ def main() -> None:
         for bits, seq, mb in points:
             row = measure_point(bits, seq, mb, args)
             report["grid"].append(row)
-            print(f"{bits}-bit seq {seq} mb {mb}: tokens/s ×{row['speed_ratio']:.2f}, tensors ×{row['tensor_ratio']:.2f}, "
-                  f"RSS ×{row['rss_ratio']:.2f}, qtrain/floor {row['floor_multiple']:.2f}", flush=True)
+            print(f"{bits}-bit seq {seq} mb {mb}: tokens/s ×{row['speed_ratio']:.2f}, "
+                  f"tensors ×{row['tensor_ratio']:.2f}, RSS ×{row['rss_ratio']:.2f}, "
+                  f"qtrain/floor {row['floor_multiple']:.2f}", flush=True)
         print("\n" + grid_table(report["grid"]) + "\n", flush=True)
     if not args.no_curves and not args.only:
         for name, (system, dtype_name) in CURVE_SYSTEMS.items():
