@@ -228,14 +228,40 @@ def matmul_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 def linear_product(x2: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None,
                    dtype: torch.dtype) -> torch.Tensor:
-    """x2 (N, in) · Wᵀ + bias in `dtype`, W from `matmul_weight`: a frozen base's forward in every fused path."""
+    """x2 (N, in) · Wᵀ + bias in `dtype`, W from `matmul_weight` (or, see `_int8_row_scale`, its int8 values with
+    the row scale on the output): a frozen base's forward in every fused path."""
+    scale = _int8_row_scale(layer, x2.shape[0], dtype)
+    if scale is not None:  # W = diag(scale)·Q: (x2·Qᵀ)·diag(scale)
+        y = (x2 @ _int8_values(layer, dtype).T).mul_(scale)
+        return y if bias is None else y.add_(bias.to(dtype))
     w = matmul_weight(layer, dtype).T  # (in, out)
     return x2 @ w if bias is None else torch.addmm(bias.to(dtype), x2, w)  # (N, out)
 
 
 def linear_input_grad(gy2: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """gy2 (N, out) · W in `dtype`, W from `matmul_weight`: the same layer's input gradient (N, in)."""
+    """gy2 (N, out) · W in `dtype`, W as in `linear_product`: the same layer's input gradient (N, in)."""
+    scale = _int8_row_scale(layer, gy2.shape[0], dtype)
+    if scale is not None:  # gy2·diag(scale)·Q
+        return (gy2 * scale) @ _int8_values(layer, dtype)
     return gy2 @ matmul_weight(layer, dtype)
+
+
+def _int8_row_scale(layer: nn.Module, tokens: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """An 8-bit CPU weight is Q (int8) times a per-row scale, which a product over fewer `tokens` than the layer
+    has inputs applies more cheaply to its (tokens × out) side than to the (out × in) weight: the weight is then
+    written once (the int8 values in `dtype`, exact) instead of written and rescaled. That is every step of
+    token-by-token generation and small micro-batches. The scale (out,), or None where the weight should be
+    scaled instead. Same values to `dtype`'s rounding (one rounding on the other side of the product)."""
+    if (not isinstance(layer, bnb.nn.Linear8bitLt) or layer.weight.device.type != "cpu"
+            or tokens >= layer.in_features):
+        return None
+    return _int8_scb(layer).mul(1.0 / 127.0).to(dtype)  # the scale `_int8_dequantized` applies
+
+
+def _int8_values(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """An 8-bit CPU layer's int8 weight Q (out, in) written in `dtype` into the reused buffer."""
+    w = layer.weight.data
+    return _scratch(tuple(w.shape), dtype).copy_(w)
 
 
 def _int8_scb(layer: nn.Module) -> torch.Tensor:

@@ -17,13 +17,14 @@ SPECS = [QuantSpec(bits=4, quant_type="nf4", double_quant=True),
 
 @pytest.mark.parametrize("spec", SPECS, ids=["nf4-dq", "fp4", "int8", "none"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_layer_multiplies_by_its_dequantized_weight(spec, mode):
+@pytest.mark.parametrize("tokens", [5, 160])  # 8-bit: fewer tokens than inputs take the output-side row scale
+def test_layer_multiplies_by_its_dequantized_weight(spec, mode, tokens):
     """In train and eval mode alike: bnb's own 8-bit layer quantizes its input to int8 in eval mode (~1e-2 off
     here), which would score a model with other numbers than it was trained with."""
     torch.manual_seed(0)
     dense = nn.Linear(128, 96, bias=True)
     layer = quantize_linear(dense, spec).train(mode == "train")
-    x = torch.randn(5, 128)
+    x = torch.randn(tokens, 128)
     ref = x.double() @ dequantized_weight(layer, torch.float64).T + dense.bias.double()
     with torch.no_grad():
         out = layer(x)
@@ -35,7 +36,8 @@ def test_layer_multiplies_by_its_dequantized_weight(spec, mode):
 
 
 @pytest.mark.parametrize("spec", SPECS[:3], ids=["nf4-dq", "fp4", "int8"])
-def test_quantized_layer_keeps_nothing_from_forward(spec):
+@pytest.mark.parametrize("tokens", [5, 80])  # 2 × 5 < 128 inputs ≤ 2 × 80: both sides of the 8-bit row scale
+def test_quantized_layer_keeps_nothing_from_forward(spec, tokens):
     """Input and (trainable) bias gradients of a quantized layer are the dense ones; backward dequantizes the
     weight again instead of keeping it, so the forward keeps nothing for backward at all: no saved tensor, and
     no input held outside autograd's view (bnb's 8-bit matmul keeps it as `ctx.A`, which gradient
@@ -43,7 +45,7 @@ def test_quantized_layer_keeps_nothing_from_forward(spec):
     torch.manual_seed(0)
     layer = quantize_linear(nn.Linear(128, 96, bias=True), spec)
     layer.bias.requires_grad_(True)
-    x = torch.randn(2, 5, 128, requires_grad=True)
+    x = torch.randn(2, tokens, 128, requires_grad=True)
     h = x * 1.0  # a non-leaf input: only what the layer keeps can keep it alive
     saved, alive = [], weakref.ref(h)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -52,7 +54,7 @@ def test_quantized_layer_keeps_nothing_from_forward(spec):
     assert saved == [] and alive() is None
     gy = torch.randn_like(out)
     out.backward(gy)
-    gx = gy.double() @ dequantized_weight(layer, torch.float64)  # (2, 5, 128)
+    gx = gy.double() @ dequantized_weight(layer, torch.float64)  # (2, tokens, 128)
     assert (x.grad.double() - gx).abs().max() < 2e-5
     assert (layer.bias.grad.double() - gy.double().sum((0, 1))).abs().max() < 1e-5
 
