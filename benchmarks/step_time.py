@@ -16,8 +16,8 @@ and the peak of live tensor bytes over one more (untimed) step, counted as `comp
     python benchmarks/step_time.py --no-checkpointing   # what the recompute costs, and what dropping it costs
 
 One process per call; timers wrap the functions named above (`qtrain.methods.lora.linear_product`,
-`linear_input_grad`, `qtrain.quantization.matmul_weight`, `HeadCrossEntropy._forward`). Medians of `--steps`
-steps after one warm-up step.
+`linear_input_grad`, `qtrain.quantization.matmul_weight` and `_int8_values`, `HeadCrossEntropy._forward`).
+Medians of `--steps` steps after one warm-up step.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def install_timers() -> None:
     lora.linear_input_grad = timed("products", lora.linear_input_grad,
                                    lambda gy2, layer, *_: 2 * gy2.shape[0] * gy2.shape[1] * layer.in_features)
     quantization.matmul_weight = timed("dequantize", quantization.matmul_weight)
+    quantization._int8_values = timed("dequantize", quantization._int8_values)  # 8-bit below `in` tokens
     HeadCrossEntropy._forward = staticmethod(timed("loss head", HeadCrossEntropy._forward))
 
 
