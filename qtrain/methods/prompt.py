@@ -21,6 +21,7 @@ tuning refuses `gradient_checkpointing` rather than silently training without it
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -38,6 +39,17 @@ PEFT_KEY = "prompt_embeddings"  # the one tensor peft's prompt-learning files ho
 FILE_PREFIX = "base_model.model."  # = qtrain.adapter_io.PEFT_PREFIX (not imported: adapter_io imports methods)
 NOT_MERGEABLE = ("{} adds virtual positions to every input rather than changing weights, so it cannot be folded "
                  "into the base; serve with the adapter attached")
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The keyword `model`'s forward and `generate` take a key/value cache by: `cache` from transformers 5.24
+    (where `past_key_values` is deprecated, to go in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(out) -> Any:
+    """The key/value cache of a model output, under either of its names (see `_cache_keyword`)."""
+    return out["cache"] if "cache" in out else out.past_key_values
 
 
 def _prepend(inputs: dict[str, Any], key: str, n: int, value: int) -> None:
@@ -172,6 +184,7 @@ class PrefixEncoder(nn.Module):
         self.config = config
         self.cache_dtype = dtype  # the compute dtype the cache must hold
         self.checkpointed: list[nn.Module] = []
+        self.cache_keyword = "past_key_values"  # set by `PrefixTuning.attach` for the model it is attached to
 
     def prefixes(self) -> torch.Tensor:
         """(N, layers·2·kv_heads·head_dim): per position, layer 0's key, layer 0's value, layer 1's key, ..."""
@@ -184,7 +197,7 @@ class PrefixEncoder(nn.Module):
         if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.checkpointed):
             raise QTrainError("peft.prefix_tuning: transformers drops the key/value cache inside checkpointed "
                               "layers, so the prefix would be ignored; set training.gradient_checkpointing: false")
-        if inputs.get("past_key_values") is not None:
+        if inputs.get("cache") is not None or inputs.get("past_key_values") is not None:
             raise QTrainError("peft: two prefix_tuning blocks; use one with the total num_virtual_tokens")
         ids = inputs["input_ids"]
         n, layers = self.shape[:2]
@@ -193,7 +206,7 @@ class PrefixEncoder(nn.Module):
         cache = DynamicCache(config=self.config)
         for i in range(layers):
             cache.update(kv[i, 0].expand(len(ids), -1, -1, -1), kv[i, 1].expand(len(ids), -1, -1, -1), i)
-        inputs = {**inputs, "past_key_values": cache}
+        inputs = {**inputs, self.cache_keyword: cache}
         _prepend(inputs, "attention_mask", n, 1)  # (B, N + T): the prefix is visible to every real token
         return inputs
 
@@ -204,7 +217,7 @@ def _keys_values(model: nn.Module, ids: list[int]) -> torch.Tensor:
     device = model.get_input_embeddings().weight.device
     was_training = model.training
     with torch.no_grad():  # in eval mode, as served (bnb's 8-bit layers compute differently in train mode)
-        cache = model.eval()(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+        cache = _output_cache(model.eval()(input_ids=torch.tensor([ids], device=device), use_cache=True))
     model.train(was_training)
     rows = [t[0].transpose(0, 1).reshape(len(ids), -1)  # (1, kv_heads, N, hd) → (N, kv_heads·hd)
             for layer in cache.layers for t in (layer.keys, layer.values)]
@@ -235,6 +248,7 @@ class PrefixTuning(Method):
         self._encoder = PrefixEncoder(b.num_virtual_tokens, cfg.num_hidden_layers, kv_heads, head_dim, hidden,
                                       model.config, embedding.device, embedding.dtype)
         self._encoder.checkpointed = [layer for _, layer in decoder_layers(model)[:1]]
+        self._encoder.cache_keyword = _cache_keyword(model)
         if start is not None:
             with torch.no_grad():
                 self._encoder.embedding.weight.copy_(start)
