@@ -279,7 +279,8 @@ def read_model_config(cfg: RunConfig, model_config: str | Path | None = None) ->
 
 def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "cuda",
                       micro_batch: int | None = None) -> Setup:
-    """The planner's view of a run. `device` decides `compute_dtype: auto` (bf16/fp16 on GPU, fp32 on CPU)."""
+    """The planner's view of a run. `device` decides `compute_dtype: auto` (bf16/fp16 on GPU, fp32 on CPU);
+    `gradient_checkpointing: auto` counts as on until `qtrain.planner.auto_checkpointing` decides it."""
     q, t = cfg.quantization, cfg.training
     compute = q.compute_dtype if q.compute_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     mb = micro_batch or (t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1)
@@ -287,6 +288,6 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
         arch=Arch.from_config(model_cfg), blocks=tuple(cfg.peft), bits=None if q.bits == "none" else int(q.bits),
         double_quant=q.double_quant, blocksize=q.blocksize, skip_modules=tuple(q.skip_modules),
         compute_bytes=DTYPE_BYTES[compute], micro_batch=mb,
-        seq_len=cfg.data.max_seq_len, checkpointing=t.gradient_checkpointing, optimizer=t.optimizer,
+        seq_len=cfg.data.max_seq_len, checkpointing=t.gradient_checkpointing is not False, optimizer=t.optimizer,
         attention=cfg.model.attn_implementation, loss_chunk=t.loss_chunk_size, device=device,
     )

@@ -3,7 +3,8 @@
 The solver only ever re-runs the prediction on modified setups (it is monotone in micro-batch and sequence
 length, so a doubling-then-bisection search finds the largest that fits), and suggestions are single changes
 a user can make with `--set`, ranked so that the least disruptive change that fits comes first. `qtrain run`
-calls `check_before_loading` to resolve `micro_batch_size: auto` and to warn when the budget is exceeded.
+calls `check_before_loading` to resolve `micro_batch_size: auto` and `gradient_checkpointing: auto` and to warn
+when the budget is exceeded.
 Nothing here imports torch (except `device_memory`, which only a run calls).
 """
 
@@ -164,6 +165,8 @@ def make_plan(cfg: RunConfig, model_cfg: dict[str, Any], budget: int | None, sou
     if cfg.training.micro_batch_size == "auto" and budget is not None:
         micro, accumulation = auto_micro_batch(cfg, s, budget)
         s = replace(s, micro_batch=micro)
+    if cfg.training.gradient_checkpointing == "auto" and budget is not None:
+        s = replace(s, checkpointing=auto_checkpointing(s, budget))
     plan = Plan(s, estimate(s), budget, source, accumulation)
     if budget is not None:
         plan.max_micro_batch = largest_micro_batch(s, budget)
@@ -182,6 +185,14 @@ def auto_micro_batch(cfg: RunConfig, s: Setup, budget: int) -> tuple[int, int]:
     fitting = [m for m in range(1, e + 1) if e % m == 0 and estimate(replace(s, micro_batch=m)).peak <= budget]
     m = max(fitting, default=1)
     return m, e // m
+
+
+def auto_checkpointing(s: Setup, budget: int) -> bool:
+    """`gradient_checkpointing: auto`: off (the faster run) when the prediction without it fits `budget`, and
+    always off with prefix tuning, which cannot train under checkpointing (the over-budget warning says so)."""
+    if any(b.method == "prefix_tuning" for b in s.blocks):
+        return False
+    return estimate(replace(s, checkpointing=False)).peak > budget
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -262,18 +273,27 @@ def device_memory(device_type: str) -> int:
 
 
 def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type: str, say=print) -> RunConfig:
-    """What `qtrain run` asks before loading the model: resolve `micro_batch_size: auto` (returns a copy of
-    `cfg` with the micro-batch and accumulation set) and warn when the prediction exceeds the budget."""
+    """What `qtrain run` asks before loading the model: resolve `micro_batch_size: auto` and then
+    `gradient_checkpointing: auto` (returns a copy of `cfg` with them set) and warn when the prediction exceeds
+    the budget."""
     device = "cuda" if device_type == "cuda" else "cpu"
     t = cfg.training
     budget = None if t.memory_budget is None else parse_bytes(t.memory_budget, "training.memory_budget")
-    if t.micro_batch_size == "auto":
+    if "auto" in (t.micro_batch_size, t.gradient_checkpointing):
         limit = budget if budget is not None else device_memory(device)
+        limit_text = f"{'training.memory_budget' if budget is not None else 'device memory'} {fmt_bytes(limit)}"
+    if t.micro_batch_size == "auto":
         micro, accumulation = auto_micro_batch(cfg, setup_from_config(cfg, model_cfg, device), limit)
         cfg = cfg.model_copy(update={"training": t.model_copy(update={
             "micro_batch_size": micro, "gradient_accumulation_steps": accumulation})})
-        say(f"qtrain: micro_batch_size auto → {micro} (gradient accumulation {accumulation}, "
-            f"{'training.memory_budget' if budget is not None else 'device memory'} {fmt_bytes(limit)})")
+        say(f"qtrain: micro_batch_size auto → {micro} (gradient accumulation {accumulation}, {limit_text})")
+    if t.gradient_checkpointing == "auto":
+        s = setup_from_config(cfg, model_cfg, device)
+        on = auto_checkpointing(s, limit)
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": on})})
+        without = estimate(replace(s, checkpointing=False)).peak
+        say(f"qtrain: gradient_checkpointing auto → {'on' if on else 'off'} (predicted peak without it "
+            f"{fmt_bytes(without)}, {'within' if without <= limit else 'over'} {limit_text})")
     peak = estimate(setup_from_config(cfg, model_cfg, device)).peak
     if budget is not None and peak > budget:
         print(f"qtrain: warning: the planner predicts a peak of {fmt_bytes(peak)}, over training.memory_budget "

@@ -143,6 +143,10 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         say(f"qtrain: data.train: {packing.line()}")
 
     arch = Arch.from_path(model_path)
+    decided = ckpt.state.get("config", {}).get("training", {}).get("gradient_checkpointing") if ckpt else None
+    if cfg.training.gradient_checkpointing == "auto" and isinstance(decided, bool):  # as the first process decided
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": decided})})
+        say(f"qtrain: gradient_checkpointing auto → {'on' if decided else 'off'}, as in the checkpoint resumed")
     cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say)
     if ckpt:  # against the resolved config (micro_batch_size: auto is a number by now)
         check_resumable(ckpt, cfg.to_dict(), cfg.fingerprint(), allow_config_change, say)

@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from qtrain.cli import main
-from qtrain.config import load_config
+from qtrain.config import TrainingSection, load_config
 from qtrain.gpus import GPUS, parse_bytes
 from qtrain.memory import estimate, quantized_linear_bytes, setup_from_config
-from qtrain.planner import auto_micro_batch, check_before_loading, largest_micro_batch, longest_sequence, suggestions
+from qtrain.methods.blocks import PrefixTuningBlock
+from qtrain.planner import (auto_checkpointing, auto_micro_batch, check_before_loading, largest_micro_batch,
+                            longest_sequence, make_plan, suggestions)
 from tests.conftest import write_config
 
 
@@ -198,14 +200,41 @@ def test_auto_micro_batch_keeps_the_effective_batch(tmp_path, tiny_model_dir, da
     assert "over training.memory_budget" in capsys.readouterr().err
 
 
+def test_auto_checkpointing_is_off_exactly_when_the_run_fits_without_it(tmp_path, tiny_model_dir, dates_file, capsys):
+    model_cfg = _model_cfg(tiny_model_dir)
+    s = setup_from_config(_cfg(tmp_path, tiny_model_dir, dates_file), model_cfg, device="cpu")
+    on, off = (estimate(replace(s, checkpointing=c)).peak for c in (True, False))
+    assert on < off
+    for budget, expected in ((off, False), (off - 1, True), (on - 1, True)):
+        cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={
+            "gradient_checkpointing": "auto", "memory_budget": budget, "max_steps": 1})
+        assert cfg.training.gradient_checkpointing == "auto"
+        assert auto_checkpointing(s, budget) is expected
+        resolved = check_before_loading(cfg, model_cfg, "cpu", say=print)
+        assert resolved.training.gradient_checkpointing is expected
+        assert cfg.training.gradient_checkpointing == "auto"  # the caller's config is not mutated
+        out = capsys.readouterr()
+        assert f"gradient_checkpointing auto → {'on' if expected else 'off'}" in out.out
+        assert ("over training.memory_budget" in out.err) is (budget < on)  # on, and still over: the warning
+        plan = make_plan(cfg, model_cfg, budget, "training.memory_budget", device="cpu")
+        assert plan.setup.checkpointing is expected
+    prefix = replace(s, blocks=(PrefixTuningBlock(method="prefix_tuning", num_virtual_tokens=2),))
+    assert auto_checkpointing(prefix, on - 1) is False  # it cannot train under checkpointing at all
+    assert TrainingSection().gradient_checkpointing is True  # auto is asked for, never the default
+    with pytest.raises(Exception, match="gradient_checkpointing"):
+        _cfg(tmp_path, tiny_model_dir, dates_file, training={"gradient_checkpointing": "sometimes"})
+
+
 def test_run_with_auto_micro_batch(tmp_path, tiny_model_dir, dates_file, capsys):
     from qtrain.run import run
 
     cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={
         "micro_batch_size": "auto", "effective_batch_size": 4, "memory_budget": "64GB", "max_steps": 1,
-        "optimizer": "adamw", "learning_rate": 1e-3, "gradient_checkpointing": False, "save_every": None})
+        "optimizer": "adamw", "learning_rate": 1e-3, "gradient_checkpointing": "auto", "save_every": None})
     run(cfg)
-    assert "micro_batch_size auto → 4 (gradient accumulation 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "micro_batch_size auto → 4 (gradient accumulation 1" in out
+    assert "gradient_checkpointing auto → off" in out  # 64GB: the tiny model fits without it
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["step"] == 1
 

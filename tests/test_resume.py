@@ -221,6 +221,18 @@ def test_resume_refuses_a_config_that_changes_the_maths(tiny_model_dir, dates_fi
     assert [p.name for p in ck.step_dirs(tmp_path / "run" / "checkpoints")] == ["step-3", "step-2"]
 
 
+def test_resume_keeps_the_checkpointing_that_auto_decided(tiny_model_dir, dates_file, tmp_path, capsys):
+    """`gradient_checkpointing: auto` decided off at the start (a 64GB budget); resumed under a budget where it
+    would decide on, the run takes the checkpoint's decision instead of refusing a changed config."""
+    config = write_config(tmp_path, tiny_model_dir, dates_file, training={
+        "max_steps": 2, "gradient_checkpointing": "auto", "memory_budget": "64GB"})
+    code, stdout, _ = cli(capsys, config)
+    assert code == 0 and "gradient_checkpointing auto → off" in stdout
+    code, stdout, err = cli(capsys, config, "--set=training.memory_budget=1MB", "--resume")
+    assert code == 0, err  # without the checkpoint's decision: "training.gradient_checkpointing: False → True"
+    assert "gradient_checkpointing auto → off, as in the checkpoint resumed" in stdout and "resuming from" in stdout
+
+
 def test_an_output_folder_is_never_destroyed_without_overwrite(tiny_model_dir, dates_file, tmp_path):
     from qtrain.run import run
 
