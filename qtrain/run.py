@@ -238,6 +238,9 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         "steps": result.steps, "train_seconds": round(result.seconds, 1), "first_loss": result.losses[0],
         "final_loss": result.losses[-1], "trainable_parameters": n_trainable, "base_parameters": base_params,
         "base_footprint_bytes": fp,
+        # as run, with `auto` resolved (config.yaml keeps what the user wrote)
+        **{k: getattr(cfg.training, k) for k in ("micro_batch_size", "gradient_accumulation_steps",
+                                                  "gradient_checkpointing")},
     }
     if main:
         save_adapter(out / "adapter", methods, params, base_model=cfg.model.path)

@@ -235,6 +235,9 @@ def test_run_with_auto_micro_batch(tmp_path, tiny_model_dir, dates_file, capsys)
     out = capsys.readouterr().out
     assert "micro_batch_size auto → 4 (gradient accumulation 1" in out
     assert "gradient_checkpointing auto → off" in out  # 64GB: the tiny model fits without it
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["micro_batch_size"], summary["gradient_accumulation_steps"]) == (4, 1)
+    assert summary["gradient_checkpointing"] is False
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["step"] == 1
 
