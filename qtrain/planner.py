@@ -262,14 +262,16 @@ def report(cfg: RunConfig, gpu: str | None = None, budget: str | None = None, mo
 
 
 def device_memory(device_type: str) -> int:
-    """Memory a run on this device can use when no budget is configured: the GPU's total, or available RAM."""
+    """Memory a run on this device can use when no budget is configured: the GPU's total, or available RAM
+    shared by the processes of a multi-process run on this host (LOCAL_WORLD_SIZE, set by the launcher)."""
     if device_type == "cuda":
         import torch  # only `qtrain run` calls this, with torch already loaded
 
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory - CUDA_CONTEXT
     import os
 
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // processes
 
 
 def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type: str, say=print) -> RunConfig:

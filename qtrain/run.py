@@ -94,6 +94,20 @@ def count_parameters(model: torch.nn.Module) -> int:
     return total
 
 
+def _as_main_decided(cfg: RunConfig, accelerator) -> RunConfig:
+    """`cfg` with the main process's micro-batch, accumulation and gradient checkpointing (ints, not objects:
+    nothing is pickled between processes)."""
+    from accelerate.utils import broadcast
+
+    t = cfg.training
+    micro, accumulation, checkpointing = broadcast(torch.tensor(
+        [t.micro_batch_size, t.gradient_accumulation_steps, int(t.gradient_checkpointing)],
+        device=accelerator.device)).tolist()
+    return cfg.model_copy(update={"training": t.model_copy(update={
+        "micro_batch_size": micro, "gradient_accumulation_steps": accumulation,
+        "gradient_checkpointing": bool(checkpointing)})})
+
+
 def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         allow_config_change: bool = False) -> dict[str, Any]:
     """Train as `cfg` says. `resume`: "latest" (the newest valid checkpoint in output.dir) or a checkpoint or
@@ -148,6 +162,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": decided})})
         say(f"qtrain: gradient_checkpointing auto → {'on' if decided else 'off'}, as in the checkpoint resumed")
     cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say)
+    if accelerator.num_processes > 1:  # `auto` read this process's free memory: all train as the main one decided
+        cfg = _as_main_decided(cfg, accelerator)
     if ckpt:  # against the resolved config (micro_batch_size: auto is a number by now)
         check_resumable(ckpt, cfg.to_dict(), cfg.fingerprint(), allow_config_change, say)
     keep_dense = set().union(*(block.full_precision_linears(arch) for block in cfg.peft))

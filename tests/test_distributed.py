@@ -23,7 +23,9 @@ def run_cli(config, *extra):
 def test_two_processes_equal_one_with_double_accumulation(tiny_model_dir, dates_file, tmp_path):
     config = write_config(tmp_path, tiny_model_dir, dates_file, training={"max_steps": 3, "micro_batch_size": 2})
     run_cli(config, "--output-dir", str(tmp_path / "one"), "--set", "training.gradient_accumulation_steps=2")
-    proc = run_cli(config, "--output-dir", str(tmp_path / "two"), "--nproc", "2")
+    # checkpointing changes no number; `auto` here checks the processes train as the main one decided
+    proc = run_cli(config, "--output-dir", str(tmp_path / "two"), "--nproc", "2",
+                   "--set", "training.gradient_checkpointing=auto")
 
     def losses(name):
         return [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
@@ -37,3 +39,5 @@ def test_two_processes_equal_one_with_double_accumulation(tiny_model_dir, dates_
     for k in one:
         assert (one[k] - two[k]).abs().max() < 1e-5, k
     assert proc.stdout.count("adapter written") == 1  # only the main process writes and reports
+    assert proc.stdout.count("gradient_checkpointing auto → off") == 1
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["gradient_checkpointing"] is False

@@ -225,6 +225,16 @@ def test_auto_checkpointing_is_off_exactly_when_the_run_fits_without_it(tmp_path
         _cfg(tmp_path, tiny_model_dir, dates_file, training={"gradient_checkpointing": "sometimes"})
 
 
+def test_cpu_memory_is_shared_by_the_processes_on_the_host(monkeypatch):
+    from qtrain.planner import device_memory
+
+    monkeypatch.setattr("os.sysconf", lambda name: {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}[name])
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert device_memory("cpu") == 4_096_000
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # as accelerate's launcher sets it for --nproc 4
+    assert device_memory("cpu") == 1_024_000
+
+
 def test_run_with_auto_micro_batch(tmp_path, tiny_model_dir, dates_file, capsys):
     from qtrain.run import run
 
