@@ -124,8 +124,9 @@ class TrainingSection(Section):
     adam_eps: Annotated[float, Field(gt=0)] = 1e-8
     gradient_checkpointing: bool | Literal["auto"] = True
     """Recompute each layer's activations in backward instead of keeping them (less memory, ~20-30 % slower);
-    `auto`: off when the planner predicts the run fits `memory_budget` (or the device's memory) without it,
-    decided by `qtrain run` before the model is loaded, after `micro_batch_size: auto` (sized with it on)."""
+    `auto`: off when the planner predicts the run fits `memory_budget` (or the device's memory) without it with
+    10 % to spare, decided by `qtrain run` before the model is loaded, after `micro_batch_size: auto` (sized with
+    it on)."""
     seed: int = 42
     log_every: PositiveInt = 1
     eval_every: PositiveInt | None = None

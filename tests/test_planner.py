@@ -4,6 +4,7 @@ the `qtrain plan` command, and `micro_batch_size: auto` in `qtrain run`."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -200,12 +201,13 @@ def test_auto_micro_batch_keeps_the_effective_batch(tmp_path, tiny_model_dir, da
     assert "over training.memory_budget" in capsys.readouterr().err
 
 
-def test_auto_checkpointing_is_off_exactly_when_the_run_fits_without_it(tmp_path, tiny_model_dir, dates_file, capsys):
+def test_auto_checkpointing_is_off_exactly_when_the_run_fits_without_it_with_headroom(tmp_path, tiny_model_dir, dates_file, capsys):
     model_cfg = _model_cfg(tiny_model_dir)
     s = setup_from_config(_cfg(tmp_path, tiny_model_dir, dates_file), model_cfg, device="cpu")
     on, off = (estimate(replace(s, checkpointing=c)).peak for c in (True, False))
     assert on < off
-    for budget, expected in ((off, False), (off - 1, True), (on - 1, True)):
+    fits = math.ceil(off / 0.9)  # without checkpointing, with the 10 % headroom auto keeps
+    for budget, expected in ((fits, False), (fits - 1, True), (on - 1, True)):
         cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={
             "gradient_checkpointing": "auto", "memory_budget": budget, "max_steps": 1})
         assert cfg.training.gradient_checkpointing == "auto"
@@ -219,10 +221,10 @@ def test_auto_checkpointing_is_off_exactly_when_the_run_fits_without_it(tmp_path
         plan = make_plan(cfg, model_cfg, budget, "training.memory_budget", device="cpu")
         assert plan.setup.checkpointing is expected
     on_cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={"gradient_checkpointing": True})
-    offer = make_plan(on_cfg, model_cfg, off, "--budget", device="cpu").faster  # qtrain plan: "faster, and fits"
+    offer = make_plan(on_cfg, model_cfg, fits, "--budget", device="cpu").faster  # qtrain plan: "faster, and fits"
     assert offer.overrides == ["training.gradient_checkpointing=false"] and offer.peak == off and offer.fits
-    assert make_plan(on_cfg, model_cfg, off - 1, "--budget", device="cpu").faster is None
-    assert "faster, and still fits" in render(make_plan(on_cfg, model_cfg, off, "--budget", device="cpu"))
+    assert make_plan(on_cfg, model_cfg, fits - 1, "--budget", device="cpu").faster is None
+    assert "faster, and still fits" in render(make_plan(on_cfg, model_cfg, fits, "--budget", device="cpu"))
     prefix = replace(s, blocks=(PrefixTuningBlock(method="prefix_tuning", num_virtual_tokens=2),))
     assert auto_checkpointing(prefix, on - 1) is False  # it cannot train under checkpointing at all
     assert TrainingSection().gradient_checkpointing is True  # auto is asked for, never the default
