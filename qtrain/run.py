@@ -158,7 +158,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
 
     arch = Arch.from_path(model_path)
     decided = ckpt.state.get("config", {}).get("training", {}).get("gradient_checkpointing") if ckpt else None
-    if cfg.training.gradient_checkpointing == "auto" and isinstance(decided, bool):  # as the first process decided
+    if cfg.training.gradient_checkpointing == "auto" and isinstance(decided, bool):  # as the interrupted run did
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": decided})})
         say(f"qtrain: gradient_checkpointing auto → {'on' if decided else 'off'}, as in the checkpoint resumed")
     cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say)
