@@ -57,6 +57,24 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def target_rows(hidden: torch.Tensor, labels: torch.Tensor, n_targets: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h (N, H), targets (N,)): the hidden states of the positions whose next token is a target, in order.
+
+    A boolean mask picks them by reading the labels back from the device (a synchronisation, in forward and
+    again in backward). When the caller knows N on the host (it counts the targets before the batch moves),
+    `nonzero_static` finds the same positions with a size fixed in advance, and the rows are gathered with
+    `index_select`, whose backward is a scatter-add: the same rows in the same order, nothing waits.
+    """
+    if n_targets is None:
+        mask, targets = target_positions(labels)
+        return hidden[:, :-1][mask], targets
+    nxt = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): position t's next token; none for the last
+    flat = nxt.reshape(-1)
+    index = torch.nonzero_static(flat != IGNORE_INDEX, size=n_targets).squeeze(1)  # (N,) row-major, as a mask
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), flat.index_select(0, index)
+
+
 def _chunk_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()  # (n, V)
     return F.cross_entropy(logits, targets, reduction="sum")
@@ -128,14 +146,14 @@ def matmul_dtype(x: torch.Tensor, default: torch.dtype | None = None) -> torch.d
 
 
 def token_loss_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int = 1024,
-                   fused: bool = True) -> torch.Tensor:
+                   fused: bool = True, n_targets: int | None = None) -> torch.Tensor:
     """Sum of cross-entropies of next-token predictions at target positions.
 
-    hidden: (B, T, H) final hidden states; labels: (B, T) token ids with IGNORE_INDEX where no loss is taken.
+    hidden: (B, T, H) final hidden states; labels: (B, T) token ids with IGNORE_INDEX where no loss is taken;
+    n_targets: their count, when known on the host (see `target_rows`).
     A plain `nn.Linear` head takes `HeadCrossEntropy` unless `fused=False`; other heads the generic path.
     """
-    mask, targets = target_positions(labels)
-    h = hidden[:, :-1][mask]  # (N, H): only positions whose next token is a target
+    h, targets = target_rows(hidden, labels, n_targets)  # (N, H): only positions whose next token is a target
     if type(head) is nn.Linear and fused:
         return HeadCrossEntropy.apply(h, head.weight, head.bias, targets, chunk_size, matmul_dtype(h))
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -41,12 +41,23 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in keys}
 
 
-def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A host batch on `device`. On a GPU the copy goes from pinned memory and the host does not wait for it
+    (a copy from pageable memory would make it wait for the GPU to drain its queue first)."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int,
+                   n_targets: int | None = None) -> torch.Tensor:
     """Forward the model, then the summed next-token loss over the batch's target tokens.
 
     The model's own forward runs (so a data-parallel wrapper prepares its gradient sync) with no logits kept
     (one kept position costs a (B, H)·(H, V) matmul, ~0.6 s per step in bf16 on CPU) and the final hidden
-    states returned; the loss then runs the head on target positions only, in chunks.
+    states returned; the loss then runs the head on target positions only, in chunks. `n_targets`, the batch's
+    target count when the caller knows it on the host, lets the loss pick those positions without reading the
+    labels back from the device.
     Keeping the layers' hidden states costs nothing extra: backward keeps them anyway.
     """
     inner = extract_model_from_parallel(model)
@@ -54,35 +65,62 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     labels = inputs.pop("labels")  # (B, T'): with IGNORE_INDEX on any positions the methods added
     no_logits = torch.empty(0, dtype=torch.long, device=labels.device)  # positions to run the model's head on
     out = model(**inputs, use_cache=False, logits_to_keep=no_logits, output_hidden_states=True)
-    return token_loss_sum(out.hidden_states[-1], inner.get_output_embeddings(), labels, chunk_size)
+    return token_loss_sum(out.hidden_states[-1], inner.get_output_embeddings(), labels, chunk_size,
+                          n_targets=n_targets)
 
 
 def mean_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, accelerator) -> torch.Tensor:
     """One batch's mean token loss, on the accelerator's device and under its autocast (method calibration)."""
-    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    n_targets = count_targets(batch["labels"])
+    batch = to_device(batch, accelerator.device)
     with accelerator.autocast():
-        return batch_loss_sum(model, batch, chunk_size) / max(1, count_targets(batch["labels"]))
+        return batch_loss_sum(model, batch, chunk_size, n_targets=n_targets) / max(1, n_targets)
+
+
+def step_gradients(model: nn.Module, micro: list[dict[str, torch.Tensor]], accelerator,
+                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Back-propagate one optimizer step's micro-batches (host tensors, as `Batches` yields them); returns the
+    step's loss sum and target count over all processes, as tensors on the device, read by nobody here.
+
+    Each micro-batch's loss sum is divided by the step's total target tokens (over all processes), so the
+    accumulated gradient is the per-token mean of the whole step, however the tokens were split. The targets
+    are counted on the host before the batches move, so nothing in here waits for the device.
+    """
+    device = accelerator.device
+    counts = [count_targets(b["labels"]) for b in micro]  # host tensors: no synchronisation
+    n_targets = torch.tensor(float(sum(counts)), dtype=torch.float64, device=device)
+    if accelerator.num_processes > 1:
+        n_targets = accelerator.reduce(n_targets, "sum")
+    scale = accelerator.num_processes / n_targets  # DDP averages over processes; this undoes it
+    loss_sum = torch.zeros((), device=device)
+    for i, (batch, count) in enumerate(zip(micro, counts)):
+        batch = to_device(batch, device)
+        with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
+            with accelerator.autocast():
+                part = batch_loss_sum(model, batch, chunk_size, n_targets=count)
+            accelerator.backward(part * scale.to(part.dtype))
+        loss_sum += part.detach().float()
+    if accelerator.num_processes > 1:
+        loss_sum = accelerator.reduce(loss_sum, "sum")
+    return loss_sum, n_targets
+
+
+def real_tokens(micro: list[dict[str, torch.Tensor]]) -> int:
+    """The non-padding tokens of a step's host batches (counted on the host: no wait for the device)."""
+    return int(sum(b["attention_mask"].sum() for b in micro))
 
 
 def accumulate_gradients(model: nn.Module, micro: list[dict[str, torch.Tensor]], accelerator,
                          chunk_size: int) -> tuple[float, int]:
-    """Back-propagate one optimizer step's micro-batches; returns (mean token loss, target tokens).
+    """`step_gradients`, read on the host: (mean token loss, target tokens) of the step."""
+    loss_sum, n_targets = step_gradients(model, micro, accelerator, chunk_size)
+    total, n = read_on_host(loss_sum, n_targets)
+    return total / n, int(n)
 
-    Each micro-batch's loss sum is divided by the step's total target tokens (over all processes), so the
-    accumulated gradient is the per-token mean of the whole step, however the tokens were split.
-    """
-    device = accelerator.device
-    local = sum(count_targets(b["labels"]) for b in micro)
-    n_targets = int(accelerator.reduce(torch.tensor(local, device=device), "sum").item())
-    scale = accelerator.num_processes / n_targets  # DDP averages over processes; this undoes it
-    loss_sum = torch.zeros((), device=device)
-    for i, batch in enumerate(micro):
-        with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
-            with accelerator.autocast():
-                part = batch_loss_sum(model, batch, chunk_size)
-            accelerator.backward(part * scale)
-        loss_sum += part.detach().float()
-    return accelerator.reduce(loss_sum, "sum").item() / n_targets, n_targets
+
+def read_on_host(*values: torch.Tensor) -> list[float]:
+    """Scalars of a step, read back in one transfer: the training loop's one wait for the device per step."""
+    return torch.stack([v.detach().to(torch.float64) for v in values]).tolist()
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
@@ -128,12 +166,12 @@ class TrainingDiverged(QTrainError):
     """`training.max_bad_steps` optimizer steps in a row had a non-finite loss or gradient."""
 
 
-def grad_norm_of(params: list[nn.Parameter], max_norm: float | None, accelerator) -> float:
-    """The gradients' global L2 norm, after clipping them to `max_norm` when it is set."""
+def grad_norm_of(params: list[nn.Parameter], max_norm: float | None, accelerator) -> torch.Tensor:
+    """The gradients' global L2 norm (a device tensor), after clipping them to `max_norm` when it is set."""
     if max_norm:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
+        return accelerator.clip_grad_norm_(params, max_norm)
     accelerator.unscale_gradients()  # a no-op unless fp16 loss scaling is on
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict[str, torch.Tensor]],
@@ -166,9 +204,12 @@ def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict
         for group, peak in zip(optimizer.param_groups, peak_lrs):
             group["lr"] = peak * factor
 
-        micro = [{k: v.to(device) for k, v in next(batches).items()} for _ in range(accum)]
-        loss, n_targets = accumulate_gradients(model, micro, accelerator, cfg.loss_chunk_size)
-        grad_norm = grad_norm_of(params, cfg.max_grad_norm, accelerator)
+        micro = [next(batches) for _ in range(accum)]  # on the host; step_gradients moves them
+        loss_sum, n_targets = step_gradients(model, micro, accelerator, cfg.loss_chunk_size)
+        # the step's one read of the device: whether to apply it depends on these
+        loss_sum, n_targets, grad_norm = read_on_host(loss_sum, n_targets,
+                                                      grad_norm_of(params, cfg.max_grad_norm, accelerator))
+        loss = loss_sum / n_targets
         # A non-finite step is skipped: no update, the optimizer state untouched. Under fp16 loss scaling an
         # overflowing gradient is the scaler's to handle: its step skips the update and lowers the scale.
         finite = math.isfinite(loss) and (math.isfinite(grad_norm) or scaler is not None)
@@ -177,7 +218,7 @@ def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict
         optimizer.zero_grad(set_to_none=True)
         bad_in_a_row = 0 if finite else bad_in_a_row + 1
 
-        step_tokens = int(sum(b["attention_mask"].sum() for b in micro)) * accelerator.num_processes
+        step_tokens = real_tokens(micro) * accelerator.num_processes
         done.step, done.tokens, done.skipped = step + 1, done.tokens + step_tokens, done.skipped + (not finite)
         done.losses.append(loss)
         tokens_since += step_tokens
