@@ -1,0 +1,284 @@
+"""The CPU suite's promises, checked on a CUDA GPU: `python -m pytest -q -m gpu tests/test_gpu.py`.
+
+Skipped where torch sees no CUDA device. `QTRAIN_GPU_TESTS_ON_CPU=1` runs them on the CPU instead, to check the
+tests themselves where no GPU is at hand (they pass there too; the CPU suite covers the CPU). What is and is not
+bit-identical on a GPU: a resumed run equals the uninterrupted one bit for bit with eager attention, because
+every kernel of its step (cuBLAS GEMMs, bnb's dequantization and optimizers, the fused AdamW, scatter-adds that
+write each row once) is deterministic for fixed shapes on one device; SDPA's fused attention backward
+accumulates with atomics in an order that can vary, so there the run agrees to rounding, not to the bit.
+"""
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import write_config
+
+pytestmark = pytest.mark.gpu
+ON_CPU = os.environ.get("QTRAIN_GPU_TESTS_ON_CPU") == "1"
+if not (torch.cuda.is_available() or ON_CPU):
+    pytest.skip("no CUDA device (QTRAIN_GPU_TESTS_ON_CPU=1 runs these on the CPU)", allow_module_level=True)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# bf16 keeps 8 bits of mantissa, fp16 11: relative error of one rounding 2^-8 and 2^-11; a matmul over ~100
+# products of rounded inputs stays within a few of those relative to the output's scale.
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 4e-3, torch.float32: 1e-5}
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
+    return float((out.detach().double() - ref).abs().max()) <= TOLERANCE[dtype] * max(1.0, float(ref.abs().max()))
+
+
+def quantized(spec_bits: int, dtype: torch.dtype, dense: nn.Linear):
+    from qtrain.quantization import QuantSpec, quantize_linear
+
+    spec = QuantSpec(bits=spec_bits, quant_type="nf4", double_quant=True, compute_dtype=dtype)
+    return quantize_linear(dense, spec).to(DEVICE)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lora_on_a_quantized_layer_equals_the_float64_reference(bits, dtype, dora):
+    """Output and every gradient of (Do)LoRA over a 4/8-bit layer, against dequant(W)·x + s·B·A·x in float64."""
+    from qtrain.methods.lora import LoRALinear
+    from qtrain.numerics import dora_merged_weight, dora_weight_norm
+    from qtrain.quantization import dequantized_weight
+
+    torch.manual_seed(0)
+    base = quantized(bits, dtype, nn.Linear(128, 96, bias=False))
+    layer = LoRALinear(base, r=8, alpha=16, dora=dora).to(DEVICE).train()
+    nn.init.normal_(layer.lora_B.weight, std=0.05)
+    x = torch.randn(2, 7, 128, device=DEVICE, dtype=dtype, requires_grad=True)
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        out = layer(x)
+    out.float().pow(2).sum().backward()
+
+    a = layer.lora_A.weight.detach().double().requires_grad_()
+    b = layer.lora_B.weight.detach().double().requires_grad_()
+    w = dequantized_weight(base, torch.float64)
+    x64 = x.detach().double().requires_grad_()
+    delta = layer.scaling * b @ a
+    if dora:  # m / ‖W + ΔW‖ rescales each output; the norm is a constant in backward (DoRA, section 4.3)
+        m = layer.lora_magnitude_vector.detach().double()
+        ref = (x64 @ (w + delta).T) * (m / dora_weight_norm(w, delta).detach())
+        assert close(ref.detach(), (x64 @ dora_merged_weight(w, delta, m).T).detach(), torch.float32)
+    else:
+        ref = x64 @ (w + delta).T
+    ref.pow(2).sum().backward()
+    assert close(out, ref.detach(), dtype)
+    assert close(x.grad, x64.grad, dtype)
+    assert close(layer.lora_A.weight.grad, a.grad, dtype) and close(layer.lora_B.weight.grad, b.grad, dtype)
+    assert all(p.grad is None for p in base.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_loss_head_equals_the_plain_one(dtype):
+    from qtrain.numerics import token_loss_sum
+
+    torch.manual_seed(0)
+    head = nn.Linear(64, 1000, bias=False, device=DEVICE).requires_grad_(False)
+    hidden = torch.randn(3, 40, 64, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 1000, (3, 40), device=DEVICE)
+    labels[0, :10] = -100
+    n = int((labels[:, 1:] != -100).sum())
+    results = []
+    for fused, count in ((True, n), (False, None)):
+        hidden.grad = None
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = token_loss_sum(hidden, head, labels, chunk_size=16, fused=fused, n_targets=count)
+        (loss * 0.5).backward()
+        results.append((loss.detach(), hidden.grad.clone()))
+    (fl, fg), (pl, pg) = results
+    assert float(fl) == pytest.approx(float(pl), rel=1e-5)  # same logits (in `dtype`), fp32 softmax both ways
+    assert close(fg, pg.double(), dtype)
+
+
+def tiny_lora(model_dir, bits=4, compute="float32"):
+    from qtrain.config import ModelSection, QuantizationSection
+    from qtrain.methods import build_methods
+    from qtrain.methods.blocks import LoRABlock
+    from qtrain.modeling import load_model
+
+    loaded = load_model(ModelSection(path=str(model_dir)), QuantizationSection(bits=bits, compute_dtype=compute),
+                        DEVICE)
+    torch.manual_seed(0)
+    (method,) = build_methods([LoRABlock(method="lora", r=4, alpha=8, dropout=0.0)])
+    params = method.attach(loaded.model)
+    for p in params.values():
+        if p.shape[1] == 4:
+            nn.init.normal_(p, std=0.02)
+    return loaded, params
+
+
+def batches_of(loaded, dates_file, sizes):
+    from qtrain.config import DataSection
+    from qtrain.data import collate, prepare
+
+    ds, _ = prepare(str(dates_file), DataSection(train="x"), loaded.tokenizer, "data.train")
+    rows, out, start = [ds[i] for i in range(sum(sizes))], [], 0
+    for n in sizes:
+        out.append(collate(rows[start:start + n], loaded.tokenizer.pad_token_id))
+        start += n
+    return out
+
+
+def step_grads(model, params, micro):
+    from accelerate import Accelerator
+
+    from qtrain.train import accumulate_gradients
+
+    for p in params.values():
+        p.grad = None
+    model.train()
+    loss, n = accumulate_gradients(model, micro, Accelerator(cpu=DEVICE.type == "cpu"), 7)
+    return loss, n, {k: p.grad.clone() for k, p in params.items()}
+
+
+def test_checkpointing_gives_the_same_gradients(tiny_model_dir, dates_file):
+    from qtrain.modeling import enable_checkpointing
+
+    loaded, params = tiny_lora(tiny_model_dir)
+    micro = batches_of(loaded, dates_file, [4])
+    loss, _, plain = step_grads(loaded.model, params, micro)
+    enable_checkpointing(loaded.model)
+    loss_c, _, ckpt = step_grads(loaded.model, params, micro)
+    assert loss_c == pytest.approx(loss, rel=1e-6)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_equals_one_batch(tiny_model_dir, dates_file):
+    loaded, params = tiny_lora(tiny_model_dir)
+    one = step_grads(loaded.model, params, batches_of(loaded, dates_file, [4]))
+    two = step_grads(loaded.model, params, batches_of(loaded, dates_file, [1, 3]))
+    assert one[1] == two[1] and two[0] == pytest.approx(one[0], rel=1e-5)
+    for k in one[2]:
+        torch.testing.assert_close(two[2][k], one[2][k], rtol=1e-4, atol=1e-7)
+
+
+def test_a_step_reads_the_device_only_where_expected(tiny_model_dir, dates_file):
+    """CUDA's sync debug mode warns at each synchronising call; a step may make only transformers' padding
+    check (building the attention mask) and the loop's one read of loss, target count and gradient norm."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA's synchronisation debug mode (tests/test_host_sync.py checks the CPU's operators)")
+    from accelerate import Accelerator
+
+    from qtrain.train import grad_norm_of, read_on_host, step_gradients
+
+    loaded, params = tiny_lora(tiny_model_dir, compute="bfloat16")
+    micro = batches_of(loaded, dates_file, [2, 2])
+    acc = Accelerator()
+    step_gradients(loaded.model, micro, acc, 7)  # warm-up: first calls allocate and may synchronise
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            loss_sum, n = step_gradients(loaded.model, micro, acc, 7)
+            norm = grad_norm_of(list(params.values()), 1.0, acc)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    ours = [w for w in syncs if "masking_utils" not in w.filename]
+    assert ours == [], [f"{w.filename}:{w.lineno}" for w in ours]
+    assert all(v == v for v in read_on_host(loss_sum, n, norm))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_a_resumed_run_is_bit_identical(tiny_model_dir, dates_file, tmp_path, optimizer):
+    from safetensors.torch import load_file
+
+    from qtrain.config import load_config
+    from qtrain.run import run
+
+    def config(name, steps):
+        (tmp_path / name).mkdir(exist_ok=True)
+        return load_config(write_config(
+            tmp_path / name, tiny_model_dir, dates_file, model={"path": str(tiny_model_dir),
+                                                                "attn_implementation": "eager"},
+            training={"max_steps": steps, "optimizer": optimizer, "save_every": 2, "gradient_checkpointing": True,
+                      "gradient_accumulation_steps": 2, "lr_scheduler": "constant"},
+            output={"dir": str(tmp_path / name / "run")}))
+
+    run(config("straight", 4))
+    run(config("halves", 2))
+    run(config("halves", 4), resume="latest")  # a constant schedule may be lengthened
+    a, b = (load_file(tmp_path / n / "run" / "adapter" / "adapter_model.safetensors") for n in ("straight", "halves"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / n / "run" / "metrics.jsonl").read_text().splitlines()]
+              for n in ("straight", "halves")]
+    assert losses[0] == losses[1]
+
+
+def test_export_equals_the_trained_model(tiny_model_dir, dates_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qtrain.adapter_io import load_adapter
+    from qtrain.config import ModelSection, QuantizationSection, load_config
+    from qtrain.export import export
+    from qtrain.modeling import load_model
+    from qtrain.run import run
+
+    run(load_config(write_config(tmp_path, tiny_model_dir, dates_file, quantization={"bits": 4,
+                                                                                    "compute_dtype": "float32"})))
+    export(tmp_path / "run", tmp_path / "export", dtype="float32")  # runs its own check; raises when it fails
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).to(DEVICE).eval()
+    trained = load_model(ModelSection(path=str(tiny_model_dir)), QuantizationSection(bits=4, compute_dtype="float32"),
+                         DEVICE).model
+    load_adapter(trained, tmp_path / "run" / "adapter")
+    ids = torch.randint(0, 300, (2, 24), device=DEVICE)
+    with torch.no_grad():
+        delta = (plain(input_ids=ids).logits - trained.eval()(input_ids=ids).logits).abs().max()
+    assert float(delta) < 1e-3
+
+
+METHODS = {
+    "prompt_tuning": {"method": "prompt_tuning", "num_virtual_tokens": 4},
+    "prefix_tuning": {"method": "prefix_tuning", "num_virtual_tokens": 4},
+    "adapter": {"method": "adapter", "placement": "houlsby", "bottleneck_size": 8},
+    "ia3": {"method": "ia3"},
+    "bitfit": {"method": "bitfit"},
+    "sparse": {"method": "sparse", "density": 0.05, "select": "random"},
+    "unfreeze": {"method": "unfreeze", "last_n": 1},
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_on_the_gpu(tiny_model_dir, dates_file, tmp_path, method):
+    from qtrain.config import load_config
+    from qtrain.run import run
+
+    run(load_config(write_config(tmp_path, tiny_model_dir, dates_file, peft=[METHODS[method]],
+                                 training={"max_steps": 3, "lr_scheduler": "constant"})))
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(x == x for x in losses)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert saved and all(torch.isfinite(t).all() for t in saved.values())
+    assert any(t.abs().sum() > 0 for t in saved.values())
+    if DEVICE.type == "cuda":
+        assert torch.cuda.max_memory_allocated() > 0  # the run trained on the GPU
+
+
+def test_auto_sizes_read_the_devices_memory(tiny_model_dir, dates_file, tmp_path, capsys):
+    """With no budget, `micro_batch_size: auto` and `gradient_checkpointing: auto` size against the GPU's memory
+    (less the CUDA context); a tiny model fits whole, so checkpointing goes off and the micro-batch is the cap."""
+    from qtrain.config import load_config
+    from qtrain.planner import device_memory
+    from qtrain.run import run
+
+    run(load_config(write_config(tmp_path, tiny_model_dir, dates_file, training={
+        "micro_batch_size": "auto", "gradient_checkpointing": "auto", "max_steps": 1})))
+    said = capsys.readouterr().out
+    assert "device memory" in said and "gradient_checkpointing auto → off" in said
+    if DEVICE.type == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        assert 0 < device_memory("cuda") < total
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["gradient_checkpointing"] is False and summary["micro_batch_size"] >= 1
