@@ -330,11 +330,51 @@ def weight_nbytes(layer: nn.Module) -> int:
     return n
 
 
+class _StepWithoutWaits:
+    """bitsandbytes' optimizer step without its `torch.cuda.synchronize()` after every parameter.
+
+    bnb's step waits for the GPU after each parameter's update kernel: with LoRA on every linear of a 32-layer
+    model that is ~450 waits per step, the GPU idle through each launch that follows. Kernels on one stream run
+    in order and nothing on the host reads the states between steps, so the waits buy training nothing; a paged
+    optimizer keeps bnb's one wait at the end of the step (its states live in memory the driver may page to the
+    host). The same kernels with the same arguments in the same order: bit-identical to bnb's step (tested).
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.initialized:
+            self.check_overrides()
+            self.to_gpu()
+            self.initialized = True
+        last = None
+        for gindex, group in enumerate(self.param_groups):
+            for pindex, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if len(self.state[p]) == 0:
+                    self.init_state(group, p, gindex, pindex)
+                self.prefetch_state(p)
+                self.update_step(group, p, gindex, pindex)
+                last = p
+        if self.is_paged and last is not None and last.device.type == "cuda":
+            torch.cuda.synchronize(last.device)
+        return loss
+
+
+def _without_waits(cls: type) -> type:
+    return type(cls.__name__, (_StepWithoutWaits, cls), {"__doc__": cls.__doc__, "__module__": __name__})
+
+
+_BNB_OPTIMIZERS = {name: _without_waits(cls) for name, cls in (
+    ("adamw_8bit", bnb.optim.AdamW8bit), ("paged_adamw_8bit", bnb.optim.PagedAdamW8bit),
+    ("paged_adamw_32bit", bnb.optim.PagedAdamW32bit))}
+
+
 def make_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """The optimizer class for `training.optimizer`; bitsandbytes' for the 8-bit and paged ones."""
-    return {
-        "adamw": torch.optim.AdamW,
-        "adamw_8bit": bnb.optim.AdamW8bit,
-        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-    }[name]
+    """The optimizer class for `training.optimizer`: torch's AdamW, or bitsandbytes' 8-bit and paged ones
+    (with `_StepWithoutWaits`)."""
+    return torch.optim.AdamW if name == "adamw" else _BNB_OPTIMIZERS[name]

@@ -282,3 +282,31 @@ def test_auto_sizes_read_the_devices_memory(tiny_model_dir, dates_file, tmp_path
         assert 0 < device_memory("cuda") < total
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["gradient_checkpointing"] is False and summary["micro_batch_size"] >= 1
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_an_optimizer_step_does_not_wait_for_the_gpu(name, monkeypatch):
+    """bnb's own step calls torch.cuda.synchronize() after every parameter; qtrain's classes do not (a paged
+    one waits once, at the end)."""
+    if DEVICE.type != "cuda":
+        pytest.skip("counts CUDA synchronisations")
+    import bitsandbytes as bnb
+
+    from qtrain.config import TrainingSection
+    from qtrain.train import make_optimizer
+
+    def waits(opt, params) -> int:
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # the first step allocates the states (bnb fills paged ones synchronously)
+        calls, real = [], torch.cuda.synchronize
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: calls.append(1) or real(*a, **k))
+        opt.step()
+        monkeypatch.setattr(torch.cuda, "synchronize", real)
+        return len(calls)
+
+    params = [nn.Parameter(torch.randn(256, 1024, device=DEVICE)) for _ in range(6)]
+    ours = waits(make_optimizer([{"params": params, "lr": 1e-3}], TrainingSection(optimizer=name)), params)
+    assert ours == (1 if name.startswith("paged") else 0)
+    if name == "adamw_8bit":  # what it replaces
+        assert waits(bnb.optim.AdamW8bit(params, lr=1e-3), params) >= len(params)

@@ -98,3 +98,31 @@ def test_known_target_count_picks_the_same_rows_bit_for_bit():
     (h0, t0, g0), (h1, t1, g1) = grads
     assert h1.shape == (n, 8) and torch.equal(h1, h0) and torch.equal(t1, t0)
     assert torch.equal(g1, g0) and g1.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_bnb_optimizers_step_like_bnb_bit_for_bit(name):
+    """qtrain's bitsandbytes optimizers drop bnb's wait for the GPU after every parameter; nothing else."""
+    import bitsandbytes as bnb
+
+    from qtrain.quantization import make_optimizer_class
+
+    ours_cls = make_optimizer_class(name)
+    theirs_cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+                  "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+    assert ours_cls is not theirs_cls and issubclass(ours_cls, theirs_cls)
+    runs = []
+    for cls in (ours_cls, theirs_cls):
+        g = torch.Generator().manual_seed(0)
+        # below and above bnb's 4096 elements for 8-bit states; a parameter without a gradient is skipped
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((64, 16), (300, 200), (8,), (40, 40))]
+        opt = cls([{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 3e-3, "weight_decay": 0.1}])
+        for step in range(4):
+            for i, p in enumerate(params):
+                p.grad = None if (i == 3 and step == 1) else torch.randn(p.shape, generator=g)
+            opt.step()
+        state = [t.clone() for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+        runs.append(([p.detach().clone() for p in params], state))
+    (p_ours, s_ours), (p_bnb, s_bnb) = runs
+    assert all(torch.equal(a, b) for a, b in zip(p_ours, p_bnb))
+    assert len(s_ours) == len(s_bnb) > 0 and all(torch.equal(a, b) for a, b in zip(s_ours, s_bnb))
