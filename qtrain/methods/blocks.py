@@ -43,7 +43,7 @@ class Block(BaseModel):
     """Whether the method changes every input row (virtual tokens, a key/value prefix): no `data.packing`."""
     keeps_linear_inputs: ClassVar[bool] = True
     """For memory planning: whether training it keeps the inputs of the base's linear layers for backward (a frozen
-    quantized linear keeps none of its own; methods that only change what the model reads keep none either)."""
+    quantized linear keeps none of its own, nor does prefix tuning: measured against autograd's saved tensors)."""
 
     def trainable_parameters(self, arch: Arch) -> int:
         """The closed-form count of parameters this method trains on a model of shape `arch`."""
@@ -233,7 +233,6 @@ class PromptTuningBlock(Block):
 
     method: Literal["prompt_tuning"]
     rewrites_inputs: ClassVar[bool] = True
-    keeps_linear_inputs: ClassVar[bool] = False
     num_virtual_tokens: Annotated[int, Field(gt=0)] = 20
     init_text: str | None = None
 
