@@ -265,6 +265,36 @@ def test_prefix_tuning_under_checkpointing_equals_without(tiny_model_dir, dates_
     assert on_losses == pytest.approx(off_losses, rel=1e-6, abs=0)  # ... exactly as training without it does
 
 
+@pytest.mark.parametrize("prefix_first", [True, False])
+def test_prefix_tuning_mixes_with_lora_under_checkpointing(tiny_model_dir, dates_file, prefix_first):
+    """LoRA on q/v listed before or after prefix_tuning (then it finds them inside the wrapped attention): every
+    parameter of both gets the same gradient with checkpointing as without (4-bit base)."""
+    from qtrain.train import batch_loss_sum
+
+    blocks = [PrefixTuningBlock(method="prefix_tuning", num_virtual_tokens=2),
+              LoRABlock(method="lora", r=2, target_modules=["q_proj", "v_proj"])]
+    grads = {}
+    for checkpointing in (False, True):
+        loaded = load(tiny_model_dir, 4)
+        torch.manual_seed(0)
+        params = {}
+        for method in build_methods(blocks if prefix_first else blocks[::-1]):
+            params.update(method.attach(loaded.model))
+        if checkpointing:
+            enable_checkpointing(loaded.model)
+        for name in (n for n in params if "lora_B" in n):
+            torch.nn.init.normal_(params[name], std=0.1)  # as if trained: B = 0 would leave A without a gradient
+        ds, _ = prepare(str(dates_file), DataSection(train="x"), loaded.tokenizer, "data.train")
+        batch = next(iter(Batches(ds, 4, seed=0, pad_id=loaded.tokenizer.pad_token_id)))
+        batch_loss_sum(loaded.model.train(), batch, chunk_size=128).backward()
+        grads[checkpointing] = {n: p.grad for n, p in params.items()}
+    lora = [n for n in grads[True] if "lora_A" in n]
+    assert len(lora) == 2 * 2 and all(("base_block" in n) is prefix_first for n in lora)
+    assert all(g.abs().max() > 0 for g in grads[False].values())
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-6, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------ generation, peft
 
 
