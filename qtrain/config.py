@@ -212,6 +212,18 @@ class RunConfig(Section):
                 "(e.g. lora)")
         return self
 
+    @model_validator(mode="after")
+    def _one_block_of_virtual_tokens(self) -> "RunConfig":
+        for method in ("prompt_tuning", "prefix_tuning"):  # one input embedding / one key/value prefix per model
+            where = [i for i, b in enumerate(self.peft) if b.method == method]
+            if len(where) > 1:
+                total = sum(self.peft[i].num_virtual_tokens for i in where)
+                raise ValueError(
+                    f"peft.{where[1]}.method: a second {method} block (the first is peft.{where[0]}); a model takes "
+                    f"one set of virtual positions, so use one {method} block with num_virtual_tokens: {total} "
+                    "(their total)")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

@@ -14,7 +14,9 @@ Each quantized linear call dequantizes its weight, so one dense weight is scratc
 The peak is the larger of the backward phase (saved activations + the biggest transient) and the optimizer step.
 
 Methods are accounted for through their config blocks only: `trainable_parameters(arch)`,
-`full_precision_linears(arch)` (stored unquantized) and `extra_tokens()` (longer sequences); blocks that name
+`full_precision_linears(arch)` (stored unquantized), `extra_tokens()` (longer sequences) and `extra_keys()`
+(prefix tuning: every layer attends to N more key/value positions, so its saved keys/values and the attention
+mask grow, the mask is always built and GQA keys/values are repeated to all heads); blocks that name
 `target_modules`/`r` (LoRA-like) are modelled per targeted linear. The formulas live here rather than in
 `qtrain.numerics` because planning must not import torch. `benchmarks/planner_accuracy.py` measures them;
 `qtrain.planner` builds the verdict, the what-fits solver and the report on top.
@@ -63,8 +65,16 @@ class Setup:
     device: str = "cuda"
 
     @property
-    def tokens(self) -> int:  # positions per sequence, virtual tokens of prompt/prefix methods included
+    def tokens(self) -> int:  # positions per sequence, prompt tuning's virtual tokens included
         return self.seq_len + sum(b.extra_tokens() for b in self.blocks)
+
+    @property
+    def keys(self) -> int:  # key/value positions each layer's attention reads: prefix tuning's prefix included
+        return self.tokens + sum(b.extra_keys() for b in self.blocks)
+
+    @property
+    def masked(self) -> bool:  # transformers builds an attention mask (padding, or keys longer than queries)
+        return self.micro_batch > 1 or self.keys > self.tokens
 
 
 @dataclass
@@ -144,22 +154,26 @@ def _layer_saved_per_token(s: Setup, layer: int) -> float:
     """Bytes per token decoder layer `layer` keeps for backward (no checkpointing)."""
     a, e = s.arch, s.compute_bytes
     q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    padded = s.micro_batch > 1  # a padding mask makes transformers repeat k/v to all heads
-    kv_saved = q if a.kv_heads < a.heads and (padded or s.attention == "eager") else kv
+    # a mask makes transformers repeat k/v to all heads
+    kv_saved = q if a.kv_heads < a.heads and (s.masked or s.attention == "eager") else kv
     total = 2 * a.hidden * 4  # both RMSNorms keep their input upcast to fp32
-    total += (q + 2 * kv_saved) * e  # rotated q, k and v as attention saves them
+    total += (q + 2 * kv_saved * s.keys / s.tokens) * e  # rotated q, and k and v with any prefix in front
     if s.attention == "sdpa":
         total += q * e + a.heads * 4  # its own output and the fp32 log-sum-exp per head
+        # torch turns a boolean mask into a float one in the compute dtype, kept by every layer's sdpa: counted
+        # where a prefix forces the mask (a padding mask's copy is left to the terms benchmarks/PLANNER.md
+        # calibrated without it: counting it there too over-predicts its points by up to 10 %)
+        total += s.keys * e if s.keys > s.tokens else 0
     else:  # eager: softmax output (fp32) and the copy in the compute dtype that multiplies v
-        total += a.heads * s.tokens * (4 + (e if e != 4 else 0))
+        total += a.heads * s.keys * (4 + (e if e != 4 else 0))
     total += 3 * a.intermediate * e  # gate, silu(gate), up
     size = {"attn_in": a.hidden, "o_in": q, "mlp_in": a.hidden, "down_in": a.intermediate}
     sizes, targets = _layout(s)
     for group, names in GROUPS.items():
         shared = copies = 0  # the input itself kept once; fp32 copies kept per LoRA wrapper
         for b, chosen in zip(s.blocks, targets):
-            if chosen is None:  # a method we cannot see into: assume it keeps each input once
-                shared = 1
+            if chosen is None:  # a method we cannot see into: assume it keeps each input once, if it keeps any
+                shared = max(shared, int(b.keeps_linear_inputs))
                 continue
             ranks = [chosen[full] for n in names if (full := f"model.layers.{layer}.{n}") in chosen]
             hit = len(ranks)
@@ -190,8 +204,8 @@ def _layer_transient_per_token(s: Setup) -> float:
     silu(gate)·up is made beside its saved factors: one more (tokens x intermediate) tensor (measured: -3.8 %
     without it at LoRA q,v with checkpointing)."""
     down = "model.layers.{}." + GROUPS["down_in"][0]
-    kept = any(chosen is None or any(down.format(i) in chosen for i in range(s.arch.layers))
-               for chosen in _layout(s)[1])
+    kept = any(b.keeps_linear_inputs if chosen is None else any(down.format(i) in chosen for i in range(s.arch.layers))
+               for b, chosen in zip(s.blocks, _layout(s)[1]))
     return 4 * s.arch.hidden * 4 + (0 if kept else s.arch.intermediate * s.compute_bytes)
 
 
@@ -221,9 +235,11 @@ def estimate(s: Setup) -> Estimate:
     n_tok = s.micro_batch * s.tokens
     targets = s.micro_batch * (s.seq_len - 1)  # worst case: every position is a target
     chunk = min(s.loss_chunk, targets)
-    mask = s.micro_batch * s.tokens ** 2 * (e if s.attention == "eager" else 1) if s.micro_batch > 1 or \
+    mask = s.micro_batch * s.tokens * s.keys * (e if s.attention == "eager" else 1) if s.masked or \
         s.attention == "eager" else 0
     shared = 2 * s.micro_batch * s.tokens * a.head_dim * e + mask  # rotary cos/sin, attention mask
+    if e != 4:  # the prefix cast from its fp32 parameters to the compute dtype, per layer
+        shared += a.layers * 2 * a.kv_heads * a.head_dim * (s.keys - s.tokens) * e
     shared += n_tok * a.hidden * 4 + targets * a.hidden * e  # final norm's fp32 input; the gathered targets
     per_layer = [_layer_saved_per_token(s, i) * n_tok for i in range(a.layers)]
     layer, layer_ckpt = max(per_layer), n_tok * a.hidden * e  # checkpointing keeps each layer's input

@@ -136,6 +136,7 @@ class Plan:
             "headroom_bytes": None if self.budget is None else self.budget - self.estimate.peak,
             "verdict": self.verdict, "fits": self.verdict == "fits",
             "setup": {"micro_batch": s.micro_batch, "seq_len": s.seq_len, "extra_tokens": s.tokens - s.seq_len,
+                      "extra_keys": s.keys - s.tokens,
                       "gradient_accumulation_steps": self.accumulation, "bits": s.bits, "device": s.device,
                       "compute_bytes": s.compute_bytes, "checkpointing": s.checkpointing, "optimizer": s.optimizer,
                       "attention": s.attention, "arch": asdict(s.arch)},
@@ -206,10 +207,7 @@ AUTO_OFF_HEADROOM = 0.10
 
 def auto_checkpointing(s: Setup, budget: int) -> bool:
     """`gradient_checkpointing: auto`: off (the faster run) when the prediction without it fits `budget` with
-    AUTO_OFF_HEADROOM to spare, and always off with prefix tuning, which cannot train under checkpointing (the
-    over-budget warning says so)."""
-    if any(b.method == "prefix_tuning" for b in s.blocks):
-        return False
+    AUTO_OFF_HEADROOM to spare."""
     return estimate(replace(s, checkpointing=False)).peak > budget * (1 - AUTO_OFF_HEADROOM)
 
 
@@ -238,7 +236,9 @@ def render(plan: Plan) -> str:
             "ckpt": "checkpointing: layer inputs" if s.checkpointing else "no checkpointing",
             "chunk": min(s.loss_chunk, s.micro_batch * (s.seq_len - 1)),
             "runtime": "CUDA context and cuBLAS workspace" if s.device == "cuda" else "Python + torch runtime"}
-    lines = [f"qtrain plan: micro-batch {s.micro_batch} × {s.tokens} tokens × {plan.accumulation} accumulation, "
+    prefix = f" (+ {s.keys - s.tokens} prefix keys/values per layer)" if s.keys > s.tokens else ""
+    lines = [f"qtrain plan: micro-batch {s.micro_batch} × {s.tokens} tokens{prefix} × {plan.accumulation} "
+             "accumulation, "
              f"{s.arch.layers} layers, hidden {s.arch.hidden}, vocab {s.arch.vocab}, {s.attention} attention, "
              f"on {s.device}", "", f"  {'component':<78} {'bytes':>11}"]
     for key, value in est.components.items():

@@ -100,8 +100,12 @@ class Server:
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
         """Logits (B, T, V) of `input_ids` (B, T) under `adapter` (None: the bare base)."""
+        from qtrain.methods import prepare_inputs
+
         self.use(adapter)
-        return self.model(input_ids.to(self._device)).logits
+        ids = input_ids.to(self._device)
+        inputs = prepare_inputs(self.model, {"input_ids": ids})
+        return self.model(**inputs).logits[:, -ids.shape[1]:]  # the real positions (virtual tokens come first)
 
     @torch.no_grad()
     def generate(self, prompt: str | list[dict[str, str]], adapter: str | None = None, max_new_tokens: int = 64,
@@ -110,6 +114,7 @@ class Server:
         as one user message through the chat template when the tokenizer has one and `chat` is true; a list
         of {role, content} messages always is."""
         from qtrain.data import _adds_bos
+        from qtrain.methods import prepare_inputs
 
         self.use(adapter)
         text = self._render(prompt, chat)
@@ -117,9 +122,11 @@ class Server:
         bos = [tok.bos_token_id] if _adds_bos(tok) and not text.startswith(str(tok.bos_token)) else []
         ids = torch.tensor([bos + tok(text, add_special_tokens=False)["input_ids"]], device=self._device)
         kwargs = {"do_sample": False, **generate_kwargs}
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs)
-        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        # through the adapter's input hooks (prompt tuning's virtual tokens, prefix tuning's key/value prefix)
+        inputs = prepare_inputs(self.model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id, **kwargs)
+        return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
     def _render(self, prompt: str | list[dict[str, str]], chat: bool) -> str:
         has_template = bool(getattr(self.tokenizer, "chat_template", None))

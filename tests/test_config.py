@@ -57,6 +57,22 @@ def test_unknown_method_and_missing_sections():
     assert any(p.startswith("data: required") for p in found)
 
 
+def test_prefix_tuning_rules_are_checked_before_anything_loads():
+    """Prefix tuning trains under gradient checkpointing (on, off or auto); what stays impossible is refused by
+    the validator: two blocks of virtual positions of one kind (one paragraph naming field, value and fix), and
+    packing (tests/test_packing.py)."""
+    prefix = {"method": "prefix_tuning", "num_virtual_tokens": 8}
+    for checkpointing in (True, False, "auto"):
+        cfg = validate_config({**MINIMAL, "peft": [prefix], "training": {"gradient_checkpointing": checkpointing}})
+        assert cfg.training.gradient_checkpointing == checkpointing
+    assert validate_config({**MINIMAL, "peft": [prefix, {"method": "prompt_tuning"}, {"method": "lora"}]})
+    for method in ("prefix_tuning", "prompt_tuning"):
+        found = problems({**MINIMAL, "peft": [{"method": "lora"}, {"method": method, "num_virtual_tokens": 8},
+                                               {"method": method, "num_virtual_tokens": 16}]})
+        assert found == [f"peft.2.method: a second {method} block (the first is peft.1); a model takes one set of "
+                         f"virtual positions, so use one {method} block with num_virtual_tokens: 24 (their total)"]
+
+
 def test_overrides_go_through_the_validator():
     raw = apply_overrides(MINIMAL, ["peft.0.r=4", "quantization.bits=none", "training.max_steps=7"])
     cfg = validate_config(raw)

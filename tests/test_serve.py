@@ -13,7 +13,7 @@ from qtrain.adapter_io import load_adapter, save_adapter
 from qtrain.config import ModelSection, QuantizationSection
 from qtrain.errors import QTrainError
 from qtrain.methods import build_methods
-from qtrain.methods.blocks import LoRABlock
+from qtrain.methods.blocks import LoRABlock, PrefixTuningBlock, PromptTuningBlock
 from qtrain.modeling import load_model
 from qtrain.serve import Server, chat_command, generate_command, parse_adapter_args
 
@@ -79,6 +79,46 @@ def test_generate_per_request_and_errors(tiny_model_dir, adapters):
     with pytest.raises(QTrainError, match="not a qtrain adapter folder"):
         server.add_adapter("empty", tiny_model_dir)
     assert list(server.adapters) == ["poems"] and server.active is None
+
+
+@pytest.mark.filterwarnings("error:.*past_key_values.* is deprecated:FutureWarning")
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_serving_virtual_tokens_reads_them(tiny_model_dir, tmp_path, kind):
+    """A prompt or prefix tuning adapter served (`qtrain generate` / `chat`) goes through its input hooks: from
+    `init_text`, its logits are the bare base's reading that text in front of the input (to 1e-5), and it
+    samples (seeded) what `generate` samples through `prepare_inputs` on the model it was saved from, which is
+    not what the bare base samples; the bare base is served unchanged."""
+    from qtrain.data import _adds_bos
+    from qtrain.methods import prepare_inputs
+
+    loaded = base(tiny_model_dir, 4)
+    model, tok = loaded.model, loaded.tokenizer
+    text, prompt = "Rewrite the date", "Rewrite the date in ISO 8601 format.\nMarch 3, 2021"
+    tokens = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        bare_logits = model.eval()(IDS).logits
+        reading = model(torch.cat([torch.tensor([tokens]), IDS], 1)).logits[:, len(tokens):]
+    assert (reading - bare_logits).abs().max() > 1e-2
+    block = (PromptTuningBlock if kind == "prompt" else PrefixTuningBlock)(
+        method=f"{kind}_tuning", num_virtual_tokens=len(tokens), init_text=text)
+    methods = build_methods([block])
+    save_adapter(tmp_path / "adapter", methods, methods[0].attach(model), base_model=str(tiny_model_dir))
+
+    ids = torch.tensor([[tok.bos_token_id] * _adds_bos(tok) + tok(prompt, add_special_tokens=False)["input_ids"]])
+    inputs = prepare_inputs(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=True, pad_token_id=tok.pad_token_id)
+    expected = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    server = Server(base(tiny_model_dir, 4)).add_adapter(kind, tmp_path / "adapter")
+    torch.testing.assert_close(server.logits(IDS, kind), reading, rtol=0, atol=1e-5)
+    sampled = {}
+    for name in (kind, None):
+        torch.manual_seed(0)
+        sampled[name] = server.generate(prompt, name, max_new_tokens=8, chat=False, do_sample=True)
+    assert sampled[kind] == expected and sampled[None] != expected, sampled
+    assert torch.equal(server.logits(IDS, None), bare_logits)
 
 
 def test_adapter_arguments():

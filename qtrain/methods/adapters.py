@@ -50,9 +50,10 @@ class Bottleneck(nn.Module):
             nn.init.uniform_(bias, -1 / math.sqrt(weight.shape[1]), 1 / math.sqrt(weight.shape[1]))
         self.activation = activation
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """The output features `rows` (all by default: a slice costs only its share of the up-projection)."""
         z = ACTIVATIONS[self.activation](F.linear(h.to(torch.float32), self.down_weight, self.down_bias))  # (..., b)
-        return F.linear(z, self.up_weight, self.up_bias)  # (..., out_features)
+        return F.linear(z, self.up_weight[rows], self.up_bias[rows])  # (..., len(rows))
 
 
 def _output(out):

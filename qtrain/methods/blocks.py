@@ -41,6 +41,9 @@ class Block(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     rewrites_inputs: ClassVar[bool] = False
     """Whether the method changes every input row (virtual tokens, a key/value prefix): no `data.packing`."""
+    keeps_linear_inputs: ClassVar[bool] = True
+    """For memory planning: whether training it keeps the inputs of the base's linear layers for backward (a frozen
+    quantized linear keeps none of its own, nor does prefix tuning: measured against autograd's saved tensors)."""
 
     def trainable_parameters(self, arch: Arch) -> int:
         """The closed-form count of parameters this method trains on a model of shape `arch`."""
@@ -52,6 +55,11 @@ class Block(BaseModel):
 
     def extra_tokens(self) -> int:
         """Positions this method adds to every sequence (virtual tokens), for memory planning."""
+        return 0
+
+    def extra_keys(self) -> int:
+        """Key/value positions this method adds to every layer's attention but not to the sequence (prefix
+        tuning's prefix), for memory planning."""
         return 0
 
 
@@ -254,6 +262,7 @@ class PrefixTuningBlock(Block):
 
     method: Literal["prefix_tuning"]
     rewrites_inputs: ClassVar[bool] = True
+    keeps_linear_inputs: ClassVar[bool] = False
     num_virtual_tokens: Annotated[int, Field(gt=0)] = 20
     init_text: str | None = None
     projection: bool = False
@@ -266,6 +275,9 @@ class PrefixTuningBlock(Block):
         if self.init_text is not None and (self.projection or not self.init_text.strip()):
             raise ValueError("init_text must be a non-empty text, and applies without projection only")
         return self
+
+    def extra_keys(self) -> int:
+        return self.num_virtual_tokens
 
     def trainable_parameters(self, arch: Arch) -> int:
         n, d = self.num_virtual_tokens, arch.kv_heads * arch.head_dim  # d: one layer's key (or value) width

@@ -10,13 +10,19 @@ Both change what the model reads, not its weights, and both keep the model a pla
   N trainable key/value positions in every layer and prepends N ones to the attention mask. The decoder then
   treats them as already-seen positions 0..N-1 (real tokens start at position N), in a training forward and
   in `generate` alike (generate takes the cache as given and derives positions from the longer mask).
+  Transformers drops the cache inside a checkpointed layer (its recompute would write the cache twice), so
+  each layer's attention is also wrapped, by composition, in `PrefixAttention`: called without a cache, it
+  hands the attention its layer's prefix itself, through the attention's own seam for earlier positions
+  (`cache.update(keys, values)` returns the keys/values to attend to), as `LayerPrefix`. The position ids and
+  the N-wider mask were made outside the layer from the cache, and the prefix is computed from the parameters
+  inside it, so the recompute rebuilds it and its gradient flows: checkpointing on trains exactly as off.
 
 `qtrain.methods.prepare_inputs(model, inputs)` finds these modules in the model; the training loss and
 generation both call it. Files use peft's PROMPT_TUNING / PREFIX_TUNING layout: one tensor,
 `prompt_embeddings`, of shape (N, hidden) or (N, layers·2·kv_heads·head_dim); with a projection MLP, peft's
 file holds the MLP's output and qtrain stores the MLP's own weights beside it to keep training it.
-Neither method can be merged into weights. Transformers drops a cache inside checkpointed layers, so prefix
-tuning refuses `gradient_checkpointing` rather than silently training without its prefix.
+Neither method can be merged into weights. A method listed after prefix_tuning sees the attention's linears
+as `...self_attn.base_block.q_proj` (as after an adapter block): name targets still match.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from qtrain.methods import Method
 from qtrain.methods.adapters import Bottleneck
 from qtrain.methods.blocks import PrefixTuningBlock, PromptTuningBlock
 from qtrain.numerics import IGNORE_INDEX
-from qtrain.surgery import decoder_layers
+from qtrain.surgery import decoder_layers, replace_modules
 
 PEFT_KEY = "prompt_embeddings"  # the one tensor peft's prompt-learning files hold
 FILE_PREFIX = "base_model.model."  # = qtrain.adapter_io.PEFT_PREFIX (not imported: adapter_io imports methods)
@@ -183,7 +189,6 @@ class PrefixEncoder(nn.Module):
             self.transform = Bottleneck(width, hidden, "tanh", device, out_features=out, zero_up=False)
         self.config = config
         self.cache_dtype = dtype  # the compute dtype the cache must hold
-        self.checkpointed: list[nn.Module] = []
         self.cache_keyword = "past_key_values"  # set by `PrefixTuning.attach` for the model it is attached to
 
     def prefixes(self) -> torch.Tensor:
@@ -191,24 +196,71 @@ class PrefixEncoder(nn.Module):
         w = self.embedding.weight
         return w if self.transform is None else self.transform(w)
 
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s prefix keys and values, each (kv_heads, N, head_dim) in the compute dtype: the columns
+        of `prefixes()` that belong to it, computed alone (the MLP's up-projection only for its rows), so the
+        cache and `PrefixAttention` hold the very same values and a checkpointed layer rebuilds only its own."""
+        n, _, _, kv_heads, head_dim = self.shape
+        rows = slice(layer * 2 * kv_heads * head_dim, (layer + 1) * 2 * kv_heads * head_dim)
+        w = self.embedding.weight
+        kv = w[:, rows] if self.transform is None else self.transform(w, rows)  # (N, 2·kv_heads·hd)
+        kv = kv.to(self.cache_dtype).view(n, 2, kv_heads, head_dim).permute(1, 2, 0, 3)  # (2, kv_heads, N, hd)
+        return kv[0], kv[1]
+
     def rewrite_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         from transformers import DynamicCache
 
-        if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.checkpointed):
-            raise QTrainError("peft.prefix_tuning: transformers drops the key/value cache inside checkpointed "
-                              "layers, so the prefix would be ignored; set training.gradient_checkpointing: false")
         if inputs.get("cache") is not None or inputs.get("past_key_values") is not None:
             raise QTrainError("peft: two prefix_tuning blocks; use one with the total num_virtual_tokens")
-        ids = inputs["input_ids"]
-        n, layers = self.shape[:2]
-        kv = self.prefixes().to(self.cache_dtype).view(*self.shape)  # (N, layers, 2, kv_heads, hd)
-        kv = kv.permute(1, 2, 3, 0, 4)  # (layers, 2, kv_heads, N, hd)
+        batch = len(inputs["input_ids"])
         cache = DynamicCache(config=self.config)
-        for i in range(layers):
-            cache.update(kv[i, 0].expand(len(ids), -1, -1, -1), kv[i, 1].expand(len(ids), -1, -1, -1), i)
+        for i in range(self.shape[1]):
+            keys, values = self.layer_kv(i)
+            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), i)  # (B, kv_heads, N, hd)
         inputs = {**inputs, self.cache_keyword: cache}
-        _prepend(inputs, "attention_mask", n, 1)  # (B, N + T): the prefix is visible to every real token
+        _prepend(inputs, "attention_mask", self.shape[0], 1)  # (B, N + T): the prefix is visible to every real token
         return inputs
+
+
+CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")  # an attention's cache argument across versions
+
+
+class LayerPrefix:
+    """What an attention module sees as its cache inside a checkpointed layer: `update(keys, values, ...)`, which
+    attention calls to get the keys/values to attend to, returns them with this layer's prefix in front, exactly
+    as the DynamicCache of `PrefixEncoder.rewrite_inputs` does, and stores nothing (a recompute reads the same)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values  # (kv_heads, N, hd)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        b = keys.shape[0]  # keys, values: (B, kv_heads, T, hd) → (B, kv_heads, N + T, hd)
+        return (torch.cat([self.keys.expand(b, -1, -1, -1), keys], dim=-2),
+                torch.cat([self.values.expand(b, -1, -1, -1), values], dim=-2))
+
+
+class PrefixAttention(nn.Module):
+    """A decoder layer's attention (`base_block`, called unchanged) that gets its layer's prefix keys/values from
+    the `PrefixEncoder` whenever it is called without a cache, i.e. inside a checkpointed layer."""
+
+    def __init__(self, base_block: nn.Module, encoder: PrefixEncoder, layer: int):
+        super().__init__()
+        self.base_block = base_block
+        self.layer = layer
+        self._encoder = (encoder,)  # a reference, not a submodule: its parameters belong to the model once
+
+    def forward(self, *args, **kwargs):
+        if any(kwargs.get(k) is not None for k in CACHE_KEYWORDS):  # the prefix is in the cache
+            return self.base_block(*args, **kwargs)
+        encoder = self._encoder[0]
+        mask = kwargs.get("attention_mask")
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        # the prefix's columns were added to the mask by `rewrite_inputs`, outside the layer; without them the
+        # inputs did not go through `qtrain.methods.prepare_inputs`
+        assert mask is not None and mask.shape[-1] == encoder.shape[0] + hidden.shape[1], \
+            "prefix tuning's inputs must go through qtrain.methods.prepare_inputs"
+        keyword = next((k for k in CACHE_KEYWORDS if k in kwargs), encoder.cache_keyword)
+        return self.base_block(*args, **{**kwargs, keyword: LayerPrefix(*encoder.layer_kv(self.layer))})
 
 
 def _keys_values(model: nn.Module, ids: list[int]) -> torch.Tensor:
@@ -233,6 +285,7 @@ class PrefixTuning(Method):
     def __init__(self, block: PrefixTuningBlock):
         super().__init__(block)
         self._encoder: PrefixEncoder | None = None
+        self._sites: list[str] = []  # the wrapped attention modules, by full name
 
     def attach(self, model: nn.Module) -> dict[str, nn.Parameter]:
         b: PrefixTuningBlock = self.block
@@ -247,17 +300,20 @@ class PrefixTuning(Method):
         embedding = model.get_input_embeddings().weight
         self._encoder = PrefixEncoder(b.num_virtual_tokens, cfg.num_hidden_layers, kv_heads, head_dim, hidden,
                                       model.config, embedding.device, embedding.dtype)
-        self._encoder.checkpointed = [layer for _, layer in decoder_layers(model)[:1]]
         self._encoder.cache_keyword = _cache_keyword(model)
         if start is not None:
             with torch.no_grad():
                 self._encoder.embedding.weight.copy_(start)
         model.add_module(self.module_name, self._encoder)
+        self._sites = [f"{name}.self_attn" for name, _ in decoder_layers(model)]
+        replace_modules(model, self._sites, lambda site, attn: PrefixAttention(attn, self._encoder,
+                                                                               self._sites.index(site)))
         return {f"{self.module_name}.{n}": p for n, p in self._encoder.named_parameters()}
 
     def detach(self, model: nn.Module) -> None:
+        replace_modules(model, self._sites, lambda _, m: m.base_block)
         delattr(model, self.module_name)
-        self._encoder = None
+        self._encoder, self._sites = None, []
 
     def to_file(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tensors = dict(tensors)
