@@ -346,7 +346,6 @@ def test_a_run_with_every_memory_saver_trains_as_one_without(tmp_path, three_lay
     """`qtrain run` with the three switched on explicitly (on CPU: copies and chunks) against the same run
     with them off: the same losses (the tiled MLP reassociates sums, so to float tolerance), and the summary
     says what ran: every block's input offloaded and fetched back each step."""
-
     from qtrain.config import load_config
     from qtrain.run import run
     from conftest import write_config
