@@ -47,7 +47,9 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 # steps still to run: where things are written, how often, and what is reported. Everything else is refused
 # (unless --allow-config-change), because the resumed run would no longer equal the uninterrupted one.
 RESUME_SAFE_KEYS = ("logging", "output", "eval", "data.eval", "training.save_every", "training.keep_last",
-                    "training.log_every", "training.max_bad_steps", "training.eval_every", "training.memory_budget")
+                    "training.log_every", "training.max_bad_steps", "training.eval_every", "training.memory_budget",
+                    # the same bytes either way (qtrain.offload): where a tensor waits is not the maths
+                    "training.activation_offload", "model.embeddings_on_host")
 # The run's length sets the cosine/linear decay, so it may change only under a constant schedule.
 LENGTH_KEYS = ("training.max_steps", "training.epochs")
 

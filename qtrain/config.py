@@ -39,6 +39,10 @@ class ModelSection(Section):
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    embeddings_on_host: bool | Literal["auto"] = "auto"
+    """Keep the frozen input embedding table in (pinned) host memory; only the looked-up rows go to the GPU.
+    `auto`: on for `qtrain run` on a GPU when the table is large or the run would not fit otherwise, untied
+    models only; off on CPU (the table is in host memory already) and in `qtrain generate`/`eval`/`export`."""
 
 
 class QuantizationSection(Section):
@@ -127,6 +131,14 @@ class TrainingSection(Section):
     `auto`: off when the planner predicts the run fits `memory_budget` (or the device's memory) without it with
     10 % to spare, decided by `qtrain run` before the model is loaded, after `micro_batch_size: auto` (sized with
     it on)."""
+    activation_offload: bool | Literal["auto"] = "auto"
+    """With gradient checkpointing: each decoder block's saved input waits in pinned host memory, prefetched one
+    block ahead in backward (bit-identical gradients). `auto`: on when, on a GPU, the planner predicts the run
+    does not fit `memory_budget` (or the device's memory) without it; off on CPU."""
+    mlp_chunk_tokens: PositiveInt | Literal["auto"] | None = "auto"
+    """Run each block's MLP (forward, recompute, backward) over this many tokens at a time, so its working set
+    is a chunk, not the sequence (the same gradients up to float reassociation). null: never; `auto`: 4096 when
+    the planner predicts the run does not fit without it, else off."""
     seed: int = 42
     log_every: PositiveInt = 1
     eval_every: PositiveInt | None = None
@@ -166,6 +178,13 @@ class TrainingSection(Section):
             raise ValueError(f"training.effective_batch_size ({e}) must equal micro_batch_size ({m}) × "
                              f"gradient_accumulation_steps ({self.gradient_accumulation_steps}); or set "
                              "micro_batch_size: auto to have the accumulation derived")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpoints(self) -> "TrainingSection":
+        if self.activation_offload is True and self.gradient_checkpointing is False:
+            raise ValueError("training.activation_offload: true offloads the inputs gradient checkpointing keeps; "
+                             "set training.gradient_checkpointing: true (or auto), or activation_offload: auto")
         return self
 
     @model_validator(mode="after")

@@ -12,6 +12,10 @@ runs on target positions in chunks of `training.loss_chunk_size`, each chunk's g
 own logits, so the logits term is one chunk of fp32 logits.
 Each quantized linear call dequantizes its weight, so one dense weight is scratch (on CPU a buffer kept all run).
 The peak is the larger of the backward phase (saved activations + the biggest transient) and the optimizer step.
+Three memory savers move terms: offloaded checkpoints (`qtrain.offload`) leave two layer inputs of the L on the
+device and put L in host memory; the tiled MLP (`qtrain.tiling`) keeps each layer's MLP input instead of its
+insides, which then exist for one chunk, beside the MLP's dense weights held through the call; input embeddings
+on the host move the table (vocab × hidden) to host memory. `details["host_bytes"]` is what the run adds there.
 
 Methods are accounted for through their config blocks only: `trainable_parameters(arch)`,
 `full_precision_linears(arch)` (stored unquantized), `extra_tokens()` (longer sequences) and `extra_keys()`
@@ -63,6 +67,9 @@ class Setup:
     attention: str = "sdpa"
     loss_chunk: int = 128  # training.loss_chunk_size
     device: str = "cuda"
+    offload: bool = False  # training.activation_offload: checkpointed layer inputs in host memory
+    mlp_chunk: int | None = None  # training.mlp_chunk_tokens: the tiled MLP's chunk
+    host_embeddings: bool = False  # model.embeddings_on_host (untied models only)
 
     @property
     def tokens(self) -> int:  # positions per sequence, prompt tuning's virtual tokens included
@@ -150,8 +157,9 @@ def _optimizer_state(s: Setup, sizes: list[int]) -> tuple[int, int]:
     return total + (2 * 256 * 4 if eight else 0), paged  # + bnb's two 256-entry quantization maps
 
 
-def _layer_saved_per_token(s: Setup, layer: int) -> float:
-    """Bytes per token decoder layer `layer` keeps for backward (no checkpointing)."""
+def _layer_saved_per_token(s: Setup, layer: int) -> tuple[float, float]:
+    """Bytes per token decoder layer `layer` keeps for backward (no checkpointing), and the part of them its
+    MLP keeps (gate, silu, up and its LoRAs' inputs and intermediates: what the tiled MLP does not keep)."""
     a, e = s.arch, s.compute_bytes
     q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
     # a mask makes transformers repeat k/v to all heads
@@ -166,10 +174,12 @@ def _layer_saved_per_token(s: Setup, layer: int) -> float:
         total += s.keys * e if s.keys > s.tokens else 0
     else:  # eager: softmax output (fp32) and the copy in the compute dtype that multiplies v
         total += a.heads * s.keys * (4 + (e if e != 4 else 0))
-    total += 3 * a.intermediate * e  # gate, silu(gate), up
+    mlp = 3 * a.intermediate * e  # gate, silu(gate), up
+    total += mlp
     size = {"attn_in": a.hidden, "o_in": q, "mlp_in": a.hidden, "down_in": a.intermediate}
     sizes, targets = _layout(s)
     for group, names in GROUPS.items():
+        before = total
         shared = copies = 0  # the input itself kept once; fp32 copies kept per LoRA wrapper
         for b, chosen in zip(s.blocks, targets):
             if chosen is None:  # a method we cannot see into: assume it keeps each input once, if it keeps any
@@ -188,7 +198,9 @@ def _layer_saved_per_token(s: Setup, layer: int) -> float:
             else:
                 copies += hit
         total += size[group] * e * (shared + copies)
-    return total
+        if group in ("mlp_in", "down_in"):
+            mlp += total - before
+    return total, mlp
 
 
 def _fused_lora(block: Any) -> bool:
@@ -196,17 +208,17 @@ def _fused_lora(block: Any) -> bool:
     return getattr(block, "method", None) == "lora" and not getattr(block, "dora", False)
 
 
-def _layer_transient_per_token(s: Setup) -> float:
+def _layer_transient_per_token(s: Setup) -> tuple[float, float]:
     """Bytes per token alive beside the saved activations while one layer runs backward. The MLP's and
     attention's gradients reuse what the layer's freed activations held; what stays is about four hidden-sized
     fp32 gradients of the residual stream and the norms (measured: 3.3-4.3 hidden x 4 bytes per token). Where
     no LoRA keeps the MLP's down-projection input, nothing intermediate-sized is freed before the gradient of
     silu(gate)·up is made beside its saved factors: one more (tokens x intermediate) tensor (measured: -3.8 %
-    without it at LoRA q,v with checkpointing)."""
+    without it at LoRA q,v with checkpointing). Returned as (hidden-sized part, intermediate-sized part)."""
     down = "model.layers.{}." + GROUPS["down_in"][0]
     kept = any(b.keeps_linear_inputs if chosen is None else any(down.format(i) in chosen for i in range(s.arch.layers))
                for b, chosen in zip(s.blocks, _layout(s)[1]))
-    return 4 * s.arch.hidden * 4 + (0 if kept else s.arch.intermediate * s.compute_bytes)
+    return 4 * s.arch.hidden * 4, (0 if kept else s.arch.intermediate * s.compute_bytes)
 
 
 def estimate(s: Setup) -> Estimate:
@@ -214,6 +226,7 @@ def estimate(s: Setup) -> Estimate:
     dense = set().union(*(b.full_precision_linears(a) for b in s.blocks))
     quant = full = 0
     big = 0  # the largest dense weight a quantized linear materialises
+    mlp_dense = {}  # per layer: the dense MLP weights the tiled MLP holds through one call (dequantize_once)
     for name, (i, o) in a.linears().items():
         if name in dense:  # trained fully: fp32 masters, counted with the trainable parameters
             continue
@@ -222,8 +235,12 @@ def estimate(s: Setup) -> Estimate:
         else:
             quant += quantized_linear_bytes(i, o, s.bits, e, s.double_quant, s.blocksize)
             big = max(big, i * o)
+            if ".mlp." in name:
+                layer_name = name.split(".mlp.")[0]
+                mlp_dense[layer_name] = mlp_dense.get(layer_name, 0) + i * o * e
     embed = a.vocab * a.hidden * e
-    other = full + embed * (1 if a.tie_embeddings else 2) + (2 * a.layers + 1) * a.hidden * e
+    on_host = embed if s.host_embeddings and not a.tie_embeddings else 0  # HostEmbedding: the table stays in RAM
+    other = full + embed * (1 if a.tie_embeddings else 2) - on_host + (2 * a.layers + 1) * a.hidden * e
     if a.attention_bias:
         other += a.layers * (a.heads + 2 * a.kv_heads) * a.head_dim * e
     sizes = _layout(s)[0]
@@ -241,15 +258,28 @@ def estimate(s: Setup) -> Estimate:
     if e != 4:  # the prefix cast from its fp32 parameters to the compute dtype, per layer
         shared += a.layers * 2 * a.kv_heads * a.head_dim * (s.keys - s.tokens) * e
     shared += n_tok * a.hidden * 4 + targets * a.hidden * e  # final norm's fp32 input; the gathered targets
-    per_layer = [_layer_saved_per_token(s, i) * n_tok for i in range(a.layers)]
-    layer, layer_ckpt = max(per_layer), n_tok * a.hidden * e  # checkpointing keeps each layer's input
-    saved = shared + (a.layers * layer_ckpt if s.checkpointing else sum(per_layer))
+    parts = [_layer_saved_per_token(s, i) for i in range(a.layers)]
+    per_layer = [total * n_tok for total, _ in parts]
+    layer_ckpt = n_tok * a.hidden * e  # checkpointing keeps each layer's input
+    hidden_t, inter_t = _layer_transient_per_token(s)
+    tiled = s.mlp_chunk is not None and n_tok > s.mlp_chunk  # shorter runs take the plain MLP (qtrain.tiling)
+    if tiled:  # a layer keeps its MLP's input instead of the MLP's insides; those exist for one chunk at a time
+        kept = [(total - mlp + a.hidden * e) * n_tok for total, mlp in parts]
+        chunk_ws = (max(mlp for _, mlp in parts) + inter_t + 2 * a.intermediate * e) * s.mlp_chunk
+    else:
+        kept, chunk_ws = per_layer, inter_t * n_tok
+    layer = max(kept)
+    offloaded = a.layers * layer_ckpt if s.checkpointing and s.offload else 0
+    # offloaded: on the device only the input being recomputed and the next one, prefetched
+    ckpt_inputs = min(2, a.layers) * layer_ckpt if offloaded else a.layers * layer_ckpt
+    saved = shared + (ckpt_inputs if s.checkpointing else sum(kept))
     recompute = layer if s.checkpointing else 0  # the one layer re-run during its backward
-    layer_ws = recompute + _layer_transient_per_token(s) * n_tok
+    layer_ws = recompute + hidden_t * n_tok + chunk_ws
     # the dense weight of one quantized linear, in the compute dtype: a new tensor per matmul on CUDA (recycled by
     # the caching allocator), one buffer reused all run on CPU (quantization.matmul_weight), alive at every phase
     scratch = big * e if s.bits else 0
     kept_scratch = scratch if s.device == "cpu" else 0
+    held = max(mlp_dense.values(), default=0) if tiled else 0  # beside the CPU buffer, which stays
     # one loss chunk (numerics.HeadCrossEntropy): fp32 logits turned into their gradient in place, plus its
     # 16-bit copy for the matmul under 16-bit compute; the targets' hidden states and their gradient
     loss_ws = chunk * a.vocab * (4 + (e if e < 4 else 0)) + n_tok * a.hidden * e + targets * a.hidden * e
@@ -258,23 +288,27 @@ def estimate(s: Setup) -> Estimate:
     comp = {"quantized_weights": quant, "other_weights": other, "trainable_params": trainable,
             "gradients": trainable, "optimizer_states": states, "activations": 0, "layer_backward": 0,
             "logits_and_loss": 0, "dequant_scratch": kept_scratch, "optimizer_step": 0, "runtime_overhead": overhead}
-    transient_scratch = scratch - kept_scratch
+    transient_scratch = max(scratch - kept_scratch, held)
     backward = saved + max(loss_ws, layer_ws + transient_scratch)
     if backward >= opt_scratch:
         comp["activations"] = saved
         if loss_ws >= layer_ws + transient_scratch:
             comp["logits_and_loss"] = loss_ws
         else:
-            comp["layer_backward"], comp["dequant_scratch"] = layer_ws, scratch
+            comp["layer_backward"], comp["dequant_scratch"] = layer_ws, kept_scratch + transient_scratch
     else:
         comp["optimizer_step"] = opt_scratch
     details = {
         "activations_per_layer": int(layer), "activations_per_layer_checkpointed": int(layer_ckpt),
-        "activations_no_checkpointing": int(shared + sum(per_layer)),
-        "activations_checkpointing": int(shared + a.layers * layer_ckpt + layer),
-        "logits_and_loss": int(loss_ws), "layer_backward": int(layer_ws), "dequant_scratch": int(scratch),
+        "activations_no_checkpointing": int(shared + sum(kept)),
+        "activations_checkpointing": int(shared + ckpt_inputs + layer),
+        "logits_and_loss": int(loss_ws), "layer_backward": int(layer_ws),
+        "dequant_scratch": int(kept_scratch + transient_scratch),
         "optimizer_step": int(opt_scratch), "attention_mask": int(mask), "pageable_optimizer_states": paged,
         "trainable_parameter_count": sum(sizes), "tensor_bytes": 0,
+        # host memory the run adds (pinned on a GPU): offloaded layer inputs and the input embedding table
+        "host_offloaded_activations": int(offloaded), "host_embeddings": int(on_host),
+        "host_bytes": int(offloaded + on_host),
     }
     comp = {k: int(v) for k, v in comp.items()}
     details["tensor_bytes"] = sum(comp.values()) - overhead
@@ -296,7 +330,9 @@ def read_model_config(cfg: RunConfig, model_config: str | Path | None = None) ->
 def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "cuda",
                       micro_batch: int | None = None) -> Setup:
     """The planner's view of a run. `device` decides `compute_dtype: auto` (bf16/fp16 on GPU, fp32 on CPU);
-    `gradient_checkpointing: auto` counts as on until `qtrain.planner.auto_checkpointing` decides it."""
+    `gradient_checkpointing: auto` counts as on until `qtrain.planner.auto_checkpointing` decides it; the
+    `auto` of `activation_offload`, `mlp_chunk_tokens` and `embeddings_on_host` as off until
+    `qtrain.planner.auto_memory_savers` decides them."""
     q, t = cfg.quantization, cfg.training
     compute = q.compute_dtype if q.compute_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     mb = micro_batch or (t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1)
@@ -306,4 +342,6 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
         compute_bytes=DTYPE_BYTES[compute], micro_batch=mb,
         seq_len=cfg.data.max_seq_len, checkpointing=t.gradient_checkpointing is not False, optimizer=t.optimizer,
         attention=cfg.model.attn_implementation, loss_chunk=t.loss_chunk_size, device=device,
+        offload=t.activation_offload is True, host_embeddings=cfg.model.embeddings_on_host is True,
+        mlp_chunk=t.mlp_chunk_tokens if isinstance(t.mlp_chunk_tokens, int) else None,
     )

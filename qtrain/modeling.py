@@ -16,6 +16,7 @@ like any other local model, so nothing is ever fetched from a hub for it.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import ctypes
 import functools
@@ -27,6 +28,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.utils.checkpoint
@@ -275,12 +277,41 @@ _TAIL_IS_DOWN_PROJ = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwe
 
 
 def recomputing() -> bool:
-    """True while a checkpointed block re-runs its forward inside backward."""
+    """True while a checkpointed block re-runs its forward inside backward (or a tiled MLP re-runs a chunk)."""
     return _RECOMPUTING.get()
 
 
-def _checkpoint(function, *args, **kwargs):
-    """`torch.utils.checkpoint` (non-reentrant) that lets the block's code know which run it is in."""
+@contextlib.contextmanager
+def recompute_context(on: bool = True) -> Iterator[None]:
+    """Mark the code inside as a re-run whose block output is thrown away (`qtrain.tiling`'s backward)."""
+    token = _RECOMPUTING.set(on)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
+def tail_is_discarded(layer: nn.Module) -> bool:
+    """Does `layer`'s MLP output feed nothing but the block's output? Only the stock block and MLP classes (an
+    adapter wrapping the MLP would read its output) without hooks."""
+    mlp = getattr(layer, "mlp", None)
+    return (type(layer).__name__ in _TAIL_IS_DOWN_PROJ and type(mlp).__module__.startswith("transformers.")
+            and not (layer._forward_hooks or mlp._forward_hooks))
+
+
+def mark_recompute_tail(layer: nn.Module) -> bool:
+    """Tell `layer`'s MLP down projection that a re-run never reads its output, where that holds and the
+    wrapper there can use it (LoRA's fused path). True if marked."""
+    tail = getattr(getattr(layer, "mlp", None), "down_proj", None)
+    if tail_is_discarded(layer) and hasattr(tail, "recompute_tail") and not tail._forward_hooks:
+        tail.recompute_tail = True
+        return True
+    return False
+
+
+def _checkpoint(function, *args, offload=None, **kwargs):
+    """`torch.utils.checkpoint` (non-reentrant) that lets the block's code know which run it is in; with
+    `offload` (a `qtrain.offload.ActivationOffload`) the block's hidden-state input waits in host memory."""
     runs = 0
 
     def run(*a, **k):
@@ -292,16 +323,20 @@ def _checkpoint(function, *args, **kwargs):
         finally:
             _RECOMPUTING.reset(token)
 
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+    if offload is None or not args or not isinstance(args[0], torch.Tensor):
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+    with offload.around(args[0]):  # the hidden states: the one input the checkpoint keeps that is per block
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
-def enable_checkpointing(model: nn.Module) -> int:
+def enable_checkpointing(model: nn.Module, offload=None) -> int:
     """Recompute each decoder block's activations in backward (non-reentrant: frozen inputs need no grad).
 
     The recompute only has to rebuild what backward reads. In the Llama-family blocks the MLP's down projection
     produces only the block's output, which backward never reads (the next block saved its own input), so a
     wrapper there that can skip its base matmul (`recompute_tail`, LoRA's fused path) is told to: one of the seven
     frozen matmuls per block, about a quarter of a Llama block's linear FLOPs. Returns how many were marked.
+    `offload`: an `ActivationOffload` the blocks share (`training.activation_offload`), or None.
     """
     # transformers switches the layers on; the checkpoint function it installs is replaced by qtrain's own below,
     # so no checkpoint options are passed to it
@@ -316,15 +351,8 @@ def enable_checkpointing(model: nn.Module) -> int:
     assert layers, "checkpointing not enabled"
     marked = 0
     for layer in layers:
-        layer._gradient_checkpointing_func = _checkpoint
-        mlp = getattr(layer, "mlp", None)
-        tail = getattr(mlp, "down_proj", None)
-        # only the stock block and MLP classes (an adapter wrapping the MLP would read its output) and no hooks
-        if (type(layer).__name__ in _TAIL_IS_DOWN_PROJ and type(mlp).__module__.startswith("transformers.")
-                and hasattr(tail, "recompute_tail") and not (layer._forward_hooks or mlp._forward_hooks
-                                                            or tail._forward_hooks)):
-            tail.recompute_tail = True
-            marked += 1
+        layer._gradient_checkpointing_func = functools.partial(_checkpoint, offload=offload) if offload else _checkpoint
+        marked += mark_recompute_tail(layer)
     return marked
 
 

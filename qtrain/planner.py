@@ -3,8 +3,9 @@
 The solver only ever re-runs the prediction on modified setups (it is monotone in micro-batch and sequence
 length, so a doubling-then-bisection search finds the largest that fits), and suggestions are single changes
 a user can make with `--set`, ranked so that the least disruptive change that fits comes first. `qtrain run`
-calls `check_before_loading` to resolve `micro_batch_size: auto` and `gradient_checkpointing: auto` and to warn
-when the budget is exceeded.
+calls `check_before_loading` to resolve `micro_batch_size: auto`, `gradient_checkpointing: auto` and the `auto`
+of the memory savers (input embeddings on the host, the tiled MLP, offloaded checkpoints: `auto_memory_savers`)
+and to warn when the budget is exceeded.
 Nothing here imports torch (except `device_memory`, which only a run calls).
 """
 
@@ -51,7 +52,7 @@ def largest_micro_batch(s: Setup, budget: int, limit: int = 4096) -> int:
     return _largest(lambda m: estimate(replace(s, micro_batch=m)).peak <= budget, limit)
 
 
-def longest_sequence(s: Setup, budget: int, limit: int = 131072) -> int:
+def longest_sequence(s: Setup, budget: int, limit: int = 1 << 20) -> int:
     return _largest(lambda t: estimate(replace(s, seq_len=t)).peak <= budget, limit)
 
 
@@ -83,6 +84,15 @@ def suggestions(s: Setup, budget: int, accumulation: int = 1) -> list[Suggestion
                         f"training.gradient_accumulation_steps={effective // m}"], replace(s, micro_batch=m)))
     if s.bits != 4:
         options.append(("store the base in 4-bit NF4", ["quantization.bits=4"], replace(s, bits=4)))
+    if s.mlp_chunk is None and s.micro_batch * s.tokens > AUTO_MLP_CHUNK:
+        options.append((f"tiled MLP ({AUTO_MLP_CHUNK}-token chunks in forward and backward; same gradients)",
+                        [f"training.mlp_chunk_tokens={AUTO_MLP_CHUNK}"], replace(s, mlp_chunk=AUTO_MLP_CHUNK)))
+    if s.checkpointing and not s.offload and s.device == "cuda":
+        options.append(("offload the checkpointed layer inputs to host memory (same gradients)",
+                        ["training.activation_offload=true"], replace(s, offload=True)))
+    if not s.host_embeddings and _can_host_embeddings(s):
+        options.append(("keep the input embeddings in host memory", ["model.embeddings_on_host=true"],
+                        replace(s, host_embeddings=True)))
     ranks = {s.blocks[i].r for i in lora}
     if lora and max(ranks) > 1:
         r = max(1, max(ranks) // 2)
@@ -114,6 +124,8 @@ class Plan:
     accumulation: int
     max_micro_batch: int | None = None
     max_seq_len: int | None = None
+    max_seq_len_without_savers: int | None = None  # host embeddings, tiled MLP, offload all off
+    max_seq_len_with_savers: int | None = None  # all of them on (where they apply)
     suggestions: list[Suggestion] = field(default_factory=list)
     faster: Suggestion | None = None  # a change that speeds the run up and still fits the budget
 
@@ -141,6 +153,10 @@ class Plan:
                       "compute_bytes": s.compute_bytes, "checkpointing": s.checkpointing, "optimizer": s.optimizer,
                       "attention": s.attention, "arch": asdict(s.arch)},
             "max_micro_batch": self.max_micro_batch, "max_seq_len": self.max_seq_len,
+            "max_seq_len_without_savers": self.max_seq_len_without_savers,
+            "max_seq_len_with_savers": self.max_seq_len_with_savers, "host_bytes": self.estimate.details["host_bytes"],
+            "memory_savers": {"embeddings_on_host": s.host_embeddings, "mlp_chunk_tokens": s.mlp_chunk,
+                              "activation_offload": s.offload},
             "suggestions": [asdict(x) for x in self.suggestions],
             "faster": None if self.faster is None else asdict(self.faster),
         }
@@ -170,10 +186,14 @@ def make_plan(cfg: RunConfig, model_cfg: dict[str, Any], budget: int | None, sou
         s = replace(s, micro_batch=micro)
     if cfg.training.gradient_checkpointing == "auto" and budget is not None:
         s = replace(s, checkpointing=auto_checkpointing(s, budget))
+    if budget is not None:
+        s = auto_memory_savers(s, budget, autos(cfg))
     plan = Plan(s, estimate(s), budget, source, accumulation)
     if budget is not None:
         plan.max_micro_batch = largest_micro_batch(s, budget)
         plan.max_seq_len = longest_sequence(s, budget)
+        plan.max_seq_len_without_savers = longest_sequence(without_savers(s), budget)
+        plan.max_seq_len_with_savers = longest_sequence(with_savers(s), budget)
         plan.suggestions = suggestions(s, budget, accumulation)
         plan.faster = faster(s, budget)
     return plan
@@ -211,6 +231,57 @@ def auto_checkpointing(s: Setup, budget: int) -> bool:
     return estimate(replace(s, checkpointing=False)).peak > budget * (1 - AUTO_OFF_HEADROOM)
 
 
+# ------------------------------------------------------------------------------------------------ memory savers
+
+AUTO_MLP_CHUNK = 4096  # tokens per chunk of `mlp_chunk_tokens: auto` (a 4096 x 4096 x 14336 GEMM stays efficient)
+HOST_EMBEDDINGS_MIN = 256 * 2**20  # `embeddings_on_host: auto` moves a table at least this large even when it fits
+
+
+def autos(cfg: RunConfig) -> set[str]:
+    """Which of the memory savers the config leaves to `auto`."""
+    t = cfg.training
+    return {name for name, value in (("embeddings_on_host", cfg.model.embeddings_on_host),
+                                     ("mlp_chunk_tokens", t.mlp_chunk_tokens),
+                                     ("activation_offload", t.activation_offload)) if value == "auto"}
+
+
+def _can_host_embeddings(s: Setup) -> bool:
+    """Input embeddings on the host apply on a GPU to an untied table that no method replaces, one process."""
+    import os
+
+    return (s.device == "cuda" and not s.arch.tie_embeddings and int(os.environ.get("WORLD_SIZE", "1")) == 1
+            and not any(b.method in ("prompt_tuning", "unfreeze") for b in s.blocks))
+
+
+def auto_memory_savers(s: Setup, budget: int, auto: set[str]) -> Setup:
+    """Resolve the `auto` among `embeddings_on_host`, `mlp_chunk_tokens` and `activation_offload`: each is
+    turned on, in that order (cheapest first), only while the run does not fit `budget`, except a large
+    embedding table (HOST_EMBEDDINGS_MIN), which goes to the host on a GPU anyway: it costs one gather of the
+    batch's rows. A tiled MLP that offload made unnecessary is turned off again. On CPU the host is the device:
+    neither host option applies, and the tiled MLP is the one saver left."""
+    fits = lambda x: estimate(x).peak <= budget  # noqa: E731
+    if "embeddings_on_host" in auto and _can_host_embeddings(s) and (
+            s.arch.vocab * s.arch.hidden * s.compute_bytes >= HOST_EMBEDDINGS_MIN or not fits(s)):
+        s = replace(s, host_embeddings=True)
+    tiled_by_auto = False
+    if "mlp_chunk_tokens" in auto and not fits(s) and s.micro_batch * s.tokens > AUTO_MLP_CHUNK:
+        s, tiled_by_auto = replace(s, mlp_chunk=AUTO_MLP_CHUNK), True
+    if "activation_offload" in auto and s.device == "cuda" and s.checkpointing and not fits(s):
+        s = replace(s, offload=True)
+        if tiled_by_auto and fits(replace(s, mlp_chunk=None)):
+            s = replace(s, mlp_chunk=None)
+    return s
+
+
+def without_savers(s: Setup) -> Setup:
+    return replace(s, host_embeddings=False, mlp_chunk=None, offload=False)
+
+
+def with_savers(s: Setup) -> Setup:
+    return replace(s, host_embeddings=s.host_embeddings or _can_host_embeddings(s),
+                   mlp_chunk=s.mlp_chunk or AUTO_MLP_CHUNK, offload=s.checkpointing and s.device == "cuda")
+
+
 # ------------------------------------------------------------------------------------------------ output
 
 _ROWS = {
@@ -222,7 +293,7 @@ _ROWS = {
     "activations": "activations saved for backward ({ckpt})",
     "layer_backward": "one layer's backward (recomputed activations, gradients)",
     "logits_and_loss": "logits and loss of one {chunk}-token chunk (fp32 softmax and gradient)",
-    "dequant_scratch": "dequantization scratch (one dense weight)",
+    "dequant_scratch": "dequantization scratch ({scratch})",
     "optimizer_step": "optimizer step temporaries",
     "runtime_overhead": "{runtime}",
 }
@@ -233,8 +304,11 @@ def render(plan: Plan) -> str:
     d = est.details
     fill = {"bits": f"{s.bits}-bit" if s.bits else "not quantized", "dtype": f"{s.compute_bytes * 8}-bit floats",
             "count": d["trainable_parameter_count"], "optimizer": s.optimizer,
-            "ckpt": "checkpointing: layer inputs" if s.checkpointing else "no checkpointing",
+            "ckpt": ("checkpointing: layer inputs" + (", offloaded" if s.offload else "")) if s.checkpointing
+            else "no checkpointing",
             "chunk": min(s.loss_chunk, s.micro_batch * (s.seq_len - 1)),
+            "scratch": "the MLP's dense weights, held through a tiled MLP call"
+            if s.mlp_chunk is not None and s.micro_batch * s.tokens > s.mlp_chunk else "one dense weight",
             "runtime": "CUDA context and cuBLAS workspace" if s.device == "cuda" else "Python + torch runtime"}
     prefix = f" (+ {s.keys - s.tokens} prefix keys/values per layer)" if s.keys > s.tokens else ""
     lines = [f"qtrain plan: micro-batch {s.micro_batch} × {s.tokens} tokens{prefix} × {plan.accumulation} "
@@ -251,6 +325,13 @@ def render(plan: Plan) -> str:
                  f"({fmt_bytes(d['activations_checkpointing'])} in all, one layer recomputed)")
     if s.attention == "eager":
         lines.append("  eager attention keeps the (heads × tokens × tokens) softmax per layer; sdpa does not")
+    savers = [f"input embeddings on the host ({fmt_bytes(d['host_embeddings'])})"] if s.host_embeddings else []
+    if s.mlp_chunk is not None:
+        savers.append(f"tiled MLP ({s.mlp_chunk}-token chunks)")
+    if d["host_offloaded_activations"]:
+        savers.append(f"checkpointed layer inputs offloaded ({fmt_bytes(d['host_offloaded_activations'])})")
+    lines.append(f"  host memory the run adds: {fmt_bytes(d['host_bytes'])}" +
+                 (f" ({'; '.join(savers)})" if savers else " (no memory savers on)"))
     if d["pageable_optimizer_states"]:
         lines.append(f"  paged optimizer: {fmt_bytes(d['pageable_optimizer_states'])} of optimizer states live in "
                      "unified memory; under pressure the driver moves them to host RAM and back each step")
@@ -261,7 +342,9 @@ def render(plan: Plan) -> str:
     lines += ["", f"  budget ({plan.budget_source}) {fmt_bytes(plan.budget)}, headroom {fmt_bytes(head)} "
               f"({head / plan.budget:+.0%})", f"  verdict: {plan.verdict}", "",
               f"  what fits: micro-batch up to {plan.max_micro_batch} at {s.seq_len} tokens; sequences up to "
-              f"{plan.max_seq_len} tokens at micro-batch {s.micro_batch}"]
+              f"{plan.max_seq_len} tokens at micro-batch {s.micro_batch}",
+              f"  longest sequence: {plan.max_seq_len_without_savers} tokens without the memory savers, "
+              f"{plan.max_seq_len_with_savers} with all that apply (host embeddings, tiled MLP, offload)"]
     if plan.suggestions:
         lines.append("  changes, ranked (new predicted peak):")
         for sug in plan.suggestions:
@@ -295,14 +378,35 @@ def device_memory(device_type: str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // processes
 
 
+def _resolve_memory_savers(cfg: RunConfig, s: Setup, limit: int, auto: set[str], limit_text: str,
+                           say) -> RunConfig:
+    """`cfg` with the `auto` memory savers decided (`auto_memory_savers`), each decision said."""
+    before = estimate(s).peak
+    s = auto_memory_savers(s, limit, auto)
+    t, m = cfg.training, cfg.model
+    decided = {"embeddings_on_host": s.host_embeddings, "mlp_chunk_tokens": s.mlp_chunk,
+               "activation_offload": s.offload and s.checkpointing}
+    training = {k: v for k, v in decided.items() if k in auto and k != "embeddings_on_host"}
+    cfg = cfg.model_copy(update={"training": t.model_copy(update=training), "model": m.model_copy(
+        update={k: v for k, v in decided.items() if k in auto and k == "embeddings_on_host"})})
+    if not any(decided[k] for k in auto):
+        return cfg  # the usual case (everything fits): nothing to say, full speed
+    shown = {True: "on", False: "off", None: "off"}
+    say("qtrain: memory savers auto → " + ", ".join(f"{k} {shown.get(decided[k], decided[k])}" for k in sorted(auto))
+        + f" (predicted peak {fmt_bytes(before)} without them, {fmt_bytes(estimate(s).peak)} with these, "
+          f"{limit_text})")
+    return cfg
+
+
 def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type: str, say=print) -> RunConfig:
-    """What `qtrain run` asks before loading the model: resolve `micro_batch_size: auto` and then
-    `gradient_checkpointing: auto` (returns a copy of `cfg` with them set) and warn when the prediction exceeds
-    the budget."""
+    """What `qtrain run` asks before loading the model: resolve `micro_batch_size: auto`, then
+    `gradient_checkpointing: auto`, then the memory savers' `auto` (returns a copy of `cfg` with them set) and
+    warn when the prediction exceeds the budget."""
     device = "cuda" if device_type == "cuda" else "cpu"
     t = cfg.training
     budget = None if t.memory_budget is None else parse_bytes(t.memory_budget, "training.memory_budget")
-    if "auto" in (t.micro_batch_size, t.gradient_checkpointing):
+    auto = autos(cfg)
+    if "auto" in (t.micro_batch_size, t.gradient_checkpointing) or auto:
         limit = budget if budget is not None else device_memory(device)
         limit_text = f"{'training.memory_budget' if budget is not None else 'device memory'} {fmt_bytes(limit)}"
     if t.micro_batch_size == "auto":
@@ -317,6 +421,8 @@ def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type:
         without = estimate(replace(s, checkpointing=False)).peak
         say(f"qtrain: gradient_checkpointing auto → {'on' if on else 'off'} (predicted peak without it "
             f"{fmt_bytes(without)}, {'within' if without <= limit else 'over'} {limit_text})")
+    if auto:
+        cfg = _resolve_memory_savers(cfg, setup_from_config(cfg, model_cfg, device), limit, auto, limit_text, say)
     peak = estimate(setup_from_config(cfg, model_cfg, device)).peak
     if budget is not None and peak > budget:
         print(f"qtrain: warning: the planner predicts a peak of {fmt_bytes(peak)}, over training.memory_budget "

@@ -5,6 +5,7 @@ Everything else (PEFT methods, export, the planner) sees a linear layer through 
     quantize_linear(linear, spec)   -> a frozen bnb Linear4bit / Linear8bitLt subclass holding the same weight
     dequantized_weight(layer)       -> the dense (out, in) weight the layer actually multiplies by
     matmul_weight(layer, dtype)     -> the same, for one matmul right away (the fused training paths)
+    dequantize_once()               -> a context in which each layer is dequantized once and reused (tiled MLP)
     linear_product / linear_input_grad -> x·Wᵀ + b and gy·W with that weight (every fused path's frozen part)
     is_linear(module)               -> plain, 4-bit or 8-bit linear?
     weight_nbytes(layer)            -> bytes the stored weight takes (packed data + quantization constants)
@@ -29,7 +30,9 @@ from __future__ import annotations
 import copy
 import ctypes
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -211,10 +214,39 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> to
     return dense.to(dtype) if dtype is not None else dense
 
 
+_HELD = threading.local()  # .weights: {(id(layer), dtype): dense weight} inside `dequantize_once`
+
+
+@contextmanager
+def dequantize_once() -> Iterator[None]:
+    """Inside, each quantized layer is dequantized once per dtype, at its first matmul, and that dense weight is
+    reused by the matmuls after it (the tiled MLP's chunks: one dequantization per MLP call, not per chunk).
+    The weights are freed on leaving; the outermost context owns them."""
+    outer = getattr(_HELD, "weights", None)
+    if outer is None:
+        _HELD.weights = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _HELD.weights = None
+
+
 def matmul_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """`layer`'s dense (out, in) weight in `dtype`, for one matmul that follows at once: read it before the next
     call and never keep it. On CPU a quantized weight is written into a reused buffer (module docstring); a plain
-    layer's weight is returned as is when it already has `dtype`."""
+    layer's weight is returned as is when it already has `dtype`. Inside `dequantize_once`, a held copy."""
+    held = getattr(_HELD, "weights", None)
+    if held is not None and is_quantized(layer):
+        key = (id(layer), dtype)
+        if key not in held:
+            w = _matmul_weight(layer, dtype)
+            held[key] = w.clone() if w.device.type == "cpu" else w  # on CPU `w` is the shared buffer
+        return held[key]
+    return _matmul_weight(layer, dtype)
+
+
+def _matmul_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     w = layer.weight
     if not is_quantized(layer):
         return w.to(dtype)

@@ -124,6 +124,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     from qtrain.planner import check_before_loading
     from qtrain.modeling import (enable_checkpointing, footprint, load_model, load_tokenizer, resolve_compute_dtype,
                                  resolve_model_path)
+    from qtrain.offload import ActivationOffload, put_embeddings_on_host
+    from qtrain.tiling import enable_tiled_mlp
     from qtrain.train import mean_batch_loss, peak_memory_bytes, train
 
     t0 = time.perf_counter()
@@ -161,6 +163,9 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     if cfg.training.gradient_checkpointing == "auto" and isinstance(decided, bool):  # as the interrupted run did
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": decided})})
         say(f"qtrain: gradient_checkpointing auto → {'on' if decided else 'off'}, as in the checkpoint resumed")
+    chunk = ckpt.state.get("config", {}).get("training", {}).get("mlp_chunk_tokens", "auto") if ckpt else "auto"
+    if cfg.training.mlp_chunk_tokens == "auto" and chunk != "auto":  # chunking reassociates the gradient sums
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"mlp_chunk_tokens": chunk})})
     cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say)
     if accelerator.num_processes > 1:  # `auto` read this process's free memory: all train as the main one decided
         cfg = _as_main_decided(cfg, accelerator)
@@ -203,8 +208,17 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     n_trainable = sum(p.numel() for p in params.values())
     say(f"qtrain: trainable parameters: {n_trainable:,} ({100 * n_trainable / base_params:.3f}% of the base) "
         f"in {', '.join(m.name for m in methods)}")
-    if cfg.training.gradient_checkpointing:
-        enable_checkpointing(model)
+    t = cfg.training
+    offload = ActivationOffload() if t.gradient_checkpointing and t.activation_offload is True else None
+    if t.gradient_checkpointing:
+        enable_checkpointing(model, offload)
+    if isinstance(t.mlp_chunk_tokens, int):
+        enable_tiled_mlp(model, t.mlp_chunk_tokens)
+    if cfg.model.embeddings_on_host is True:
+        put_embeddings_on_host(model, accelerator.device)
+    if offload or isinstance(t.mlp_chunk_tokens, int) or cfg.model.embeddings_on_host is True:
+        say(f"qtrain: memory savers: activation_offload {'on' if offload else 'off'}, mlp_chunk_tokens "
+            f"{t.mlp_chunk_tokens}, embeddings_on_host {'on' if cfg.model.embeddings_on_host is True else 'off'}")
     calibration = Batches(train_set, cfg.training.micro_batch_size, cfg.training.seed, tokenizer.pad_token_id)
     for method in methods:  # data-dependent init (a sparse mask): same batches, same result on every process
         method.calibrate(model, calibration,
@@ -256,8 +270,12 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         "base_footprint_bytes": fp,
         # as run, with `auto` resolved (config.yaml keeps what the user wrote)
         **{k: getattr(cfg.training, k) for k in ("micro_batch_size", "gradient_accumulation_steps",
-                                                  "gradient_checkpointing")},
+                                                  "gradient_checkpointing", "activation_offload",
+                                                  "mlp_chunk_tokens")},
+        "embeddings_on_host": cfg.model.embeddings_on_host,
     }
+    if offload is not None:
+        summary["offload"] = offload.stats
     if main:
         save_adapter(out / "adapter", methods, params, base_model=cfg.model.path)
         say(f"qtrain: adapter written to {out / 'adapter'}")

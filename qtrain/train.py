@@ -58,15 +58,21 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     states returned; the loss then runs the head on target positions only, in chunks. `n_targets`, the batch's
     target count when the caller knows it on the host, lets the loss pick those positions without reading the
     labels back from the device.
-    Keeping the layers' hidden states costs nothing extra: backward keeps them anyway.
+    The final hidden states are taken from the decoder's output as it is made (a forward hook), not with
+    `output_hidden_states`, which would keep every layer's input on the device to the end of the forward:
+    checkpointing keeps those anyway, but offloaded checkpoints (`qtrain.offload`) exist not to.
     """
     inner = extract_model_from_parallel(model)
     inputs = prepare_inputs(inner, model_inputs(batch))
     labels = inputs.pop("labels")  # (B, T'): with IGNORE_INDEX on any positions the methods added
     no_logits = torch.empty(0, dtype=torch.long, device=labels.device)  # positions to run the model's head on
-    out = model(**inputs, use_cache=False, logits_to_keep=no_logits, output_hidden_states=True)
-    return token_loss_sum(out.hidden_states[-1], inner.get_output_embeddings(), labels, chunk_size,
-                          n_targets=n_targets)
+    final: list[torch.Tensor] = []
+    hook = inner.get_decoder().register_forward_hook(lambda m, args, out: final.append(out[0]))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=no_logits)
+    finally:
+        hook.remove()
+    return token_loss_sum(final[-1], inner.get_output_embeddings(), labels, chunk_size, n_targets=n_targets)
 
 
 def mean_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, accelerator) -> torch.Tensor:

@@ -74,13 +74,21 @@ def _saved_and_predicted(tmp_path, model_dir, dates_file, micro_batch=3, **secti
     planner's predicted activations) for the tiny model at 96 tokens without checkpointing."""
     from qtrain.methods import build_methods
     from qtrain.modeling import load_model
-    from qtrain.train import batch_loss_sum
 
     cfg = _cfg(tmp_path, model_dir, dates_file, data={"max_seq_len": 96},
                training={"micro_batch_size": micro_batch, "gradient_checkpointing": False}, **sections)
     model = load_model(cfg.model, cfg.quantization, torch.device("cpu"), path=model_dir).model
     for method in build_methods(cfg.peft):
         method.attach(model)
+    predicted = estimate(setup_from_config(cfg, _model_cfg(model_dir), device="cpu")).components["activations"]
+    return saved_bytes(model, cfg.training.loss_chunk_size, micro_batch), predicted
+
+
+def saved_bytes(model: nn.Module, chunk_size: int, micro_batch: int = 3) -> int:
+    """Bytes autograd saves in one training forward of `model` over a (micro_batch, 96) batch whose last row
+    has padding when there are several (parameters and buffers excluded, each storage once)."""
+    from qtrain.train import batch_loss_sum
+
     model.train()
     existing = {id(t.untyped_storage()) for t in list(model.parameters()) + list(model.buffers())}
     saved: dict[int, int] = {}
@@ -96,9 +104,8 @@ def _saved_and_predicted(tmp_path, model_dir, dates_file, micro_batch=3, **secti
     mask[-1, -8:] = 0 if micro_batch > 1 else 1
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         batch_loss_sum(model, {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)},
-                       cfg.training.loss_chunk_size)
-    predicted = estimate(setup_from_config(cfg, _model_cfg(model_dir), device="cpu")).components["activations"]
-    return sum(saved.values()), predicted
+                       chunk_size)
+    return sum(saved.values())
 
 
 PREFIX = {"method": "prefix_tuning", "num_virtual_tokens": 40}
