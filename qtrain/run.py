@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import yaml
 
+from qtrain import sharding
 from qtrain.config import RunConfig
 from qtrain.errors import QTrainError
 
@@ -209,7 +210,12 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     for method in methods:  # data-dependent init (a sparse mask): same batches, same result on every process
         method.calibrate(model, calibration,
                          lambda m, b: mean_batch_loss(m, b, cfg.training.loss_chunk_size, accelerator))
-    if accelerator.num_processes > 1:
+    fsdp = sharding.requested()
+    if fsdp and accelerator.num_processes > 1:  # FSDP2, on any device (qtrain.sharding says why not accelerate's)
+        model = sharding.shard_model(model, fsdp)
+        params, groups = sharding.reshard_params(model, params, groups)
+        say(f"qtrain: FSDP2: base and adapters sharded over {accelerator.num_processes} processes")
+    elif accelerator.num_processes > 1:
         model = accelerator.prepare_model(model)
 
     steps = total_steps(cfg, len(train_set), accelerator.num_processes)
@@ -258,8 +264,9 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         **{k: getattr(cfg.training, k) for k in ("micro_batch_size", "gradient_accumulation_steps",
                                                   "gradient_checkpointing")},
     }
+    full = sharding.full_tensors(params)  # every process takes part in gathering a sharded run's adapter
     if main:
-        save_adapter(out / "adapter", methods, params, base_model=cfg.model.path)
+        save_adapter(out / "adapter", methods, full, base_model=cfg.model.path)
         say(f"qtrain: adapter written to {out / 'adapter'}")
     scores["trained"] = score(model)
     summary.update({k: v for k, v in scores["trained"].items() if k.startswith("eval_")})

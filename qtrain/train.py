@@ -29,6 +29,7 @@ from qtrain.errors import QTrainError
 from qtrain.methods import prepare_inputs
 from qtrain.numerics import count_targets, token_loss_sum
 from qtrain.quantization import make_optimizer_class
+from qtrain.sharding import no_sync
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,7 +78,7 @@ def accumulate_gradients(model: nn.Module, micro: list[dict[str, torch.Tensor]],
     scale = accelerator.num_processes / n_targets  # DDP averages over processes; this undoes it
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(micro):
-        with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
+        with nullcontext() if i == len(micro) - 1 else no_sync(model, accelerator):
             with accelerator.autocast():
                 part = batch_loss_sum(model, batch, chunk_size)
             accelerator.backward(part * scale)
