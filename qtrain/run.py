@@ -133,6 +133,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         resolve_compute_dtype(cfg.quantization.compute_dtype, device), "no")
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
     main = accelerator.is_main_process
+    fsdp = sharding.requested() if accelerator.num_processes > 1 else None
+    shards = accelerator.num_processes if fsdp else 1
     say = print if main else (lambda *a, **k: None)
     if resume and overwrite:
         raise QTrainError("--resume continues the run in output.dir and --overwrite deletes it; pass one of them")
@@ -162,7 +164,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     if cfg.training.gradient_checkpointing == "auto" and isinstance(decided, bool):  # as the interrupted run did
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": decided})})
         say(f"qtrain: gradient_checkpointing auto → {'on' if decided else 'off'}, as in the checkpoint resumed")
-    cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say)
+    cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say, shards)
     if accelerator.num_processes > 1:  # `auto` read this process's free memory: all train as the main one decided
         cfg = _as_main_decided(cfg, accelerator)
     if ckpt:  # against the resolved config (micro_batch_size: auto is a number by now)
@@ -210,11 +212,13 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     for method in methods:  # data-dependent init (a sparse mask): same batches, same result on every process
         method.calibrate(model, calibration,
                          lambda m, b: mean_batch_loss(m, b, cfg.training.loss_chunk_size, accelerator))
-    fsdp = sharding.requested()
-    if fsdp and accelerator.num_processes > 1:  # FSDP2, on any device (qtrain.sharding says why not accelerate's)
+    held = None  # bytes of parameters this process holds, when sharded
+    if fsdp:  # FSDP2, on any device (qtrain.sharding says why not accelerate's)
         model = sharding.shard_model(model, fsdp)
         params, groups = sharding.reshard_params(model, params, groups)
-        say(f"qtrain: FSDP2: base and adapters sharded over {accelerator.num_processes} processes")
+        held = sharding.held_parameter_bytes(model)
+        say(f"qtrain: FSDP2: base and adapters sharded over {shards} processes; the main one holds "
+            f"{held / 2**20:.1f} MiB of parameters")
     elif accelerator.num_processes > 1:
         model = accelerator.prepare_model(model)
 
@@ -259,7 +263,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     summary: dict[str, Any] = {
         "steps": result.steps, "train_seconds": round(result.seconds, 1), "first_loss": result.losses[0],
         "final_loss": result.losses[-1], "trainable_parameters": n_trainable, "base_parameters": base_params,
-        "base_footprint_bytes": fp,
+        "base_footprint_bytes": fp, "shards": shards, "parameter_bytes_per_process": held,
         # as run, with `auto` resolved (config.yaml keeps what the user wrote)
         **{k: getattr(cfg.training, k) for k in ("micro_batch_size", "gradient_accumulation_steps",
                                                   "gradient_checkpointing")},

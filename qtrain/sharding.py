@@ -67,20 +67,17 @@ def shard_model(model: nn.Module, settings: FSDPSettings) -> nn.Module:
 
 @contextmanager
 def no_sync(model: nn.Module, accelerator) -> Iterator[None]:
-    """No gradient reduction in the backward passes inside (all but an optimizer step's last micro-batch):
-    `accelerator.no_sync`, and for a model sharded here FSDP2's own switch (accelerate uses it only when it did
-    the sharding, so not on a CPU)."""
+    """Inside: no gradient reduction in backward (all but an optimizer step's last micro-batch), as
+    `accelerator.no_sync` does for data-parallel. Not for a model sharded here: FSDP2 would then keep every
+    trainable gradient whole on every device until the step's last micro-batch (what sharding is there to avoid,
+    and what `qtrain plan` does not count), so a sharded run reduce-scatters after each micro-batch instead."""
     from torch.distributed.fsdp import FSDPModule
 
-    if not isinstance(model, FSDPModule):
-        with accelerator.no_sync(model):
-            yield
-        return
-    model.set_requires_gradient_sync(False)
-    try:
+    if isinstance(model, FSDPModule):
         yield
-    finally:
-        model.set_requires_gradient_sync(True)
+        return
+    with accelerator.no_sync(model):
+        yield
 
 
 def reshard_params(model: nn.Module, params: dict[str, nn.Parameter],
@@ -91,6 +88,23 @@ def reshard_params(model: nn.Module, params: dict[str, nn.Parameter],
     new = {name: now[name] for name in params}
     by_id = {id(old): new[name] for name, old in params.items()}
     return new, [{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in groups]
+
+
+def held_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of parameters this process holds: its shard of each parameter, plus the quantization constants
+    (absmax, row scales) that stay whole on every process. `qtrain plan --fsdp` predicts this number."""
+    from torch.distributed.tensor import DTensor
+
+    from qtrain.quantization import is_quantized, weight_nbytes
+
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        total += local.numel() * local.element_size()
+    for m in model.modules():
+        if is_quantized(m):  # what weight_nbytes counts beyond the weight itself
+            total += weight_nbytes(m) - m.weight.numel() * m.weight.element_size()
+    return total
 
 
 def full_tensor(t: Any) -> Any:

@@ -58,11 +58,13 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         assert (a[k] - b[k]).abs().max() <= atol, k
 
 
-CASES = {  # base quantization, method
+CASES = {  # base quantization, method, what the sharded run changes (the step still takes the same 4 examples)
     "4bit-lora": ({"bits": 4, "quant_storage": "float32"},
-                  {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}),
-    "8bit-unfreeze": ({"bits": 8}, {"method": "unfreeze", "last_n": 1}),
-    "none-ia3": ({"bits": "none"}, {"method": "ia3"}),
+                  {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}, []),
+    "8bit-unfreeze": ({"bits": 8}, {"method": "unfreeze", "last_n": 1}, []),
+    # accumulation under sharding: each process 2 micro-batches of 1 (gradients reduce-scattered after each)
+    "none-ia3": ({"bits": "none"}, {"method": "ia3"},
+                 ["--set", "training.micro_batch_size=1", "--set", "training.gradient_accumulation_steps=2"]),
 }
 
 
@@ -74,7 +76,7 @@ def trained(tiny_model_dir, tmp_path_factory):
 
     def get(case: str) -> tuple[Path, subprocess.CompletedProcess]:
         if case not in done:
-            quantization, method = CASES[case]
+            quantization, method, sharded = CASES[case]
             folder = tmp_path_factory.mktemp(case)
             dates = folder / "dates.jsonl"
             dates.write_text("".join(json.dumps({"instruction": "Rewrite the date in ISO 8601 format.", "input": t,
@@ -82,7 +84,7 @@ def trained(tiny_model_dir, tmp_path_factory):
             config = write_config(folder, tiny_model_dir, dates, quantization=quantization, peft=[method],
                                   training={"max_steps": 3, "micro_batch_size": 2, "save_every": 2})
             run_cli(config, "--output-dir", str(folder / "one"), "--set", "training.gradient_accumulation_steps=2")
-            done[case] = folder, run_sharded(config, folder / "two")
+            done[case] = folder, run_sharded(config, folder / "two", *sharded)
         return done[case]
 
     return get
@@ -96,6 +98,22 @@ def test_two_sharded_processes_equal_one_with_double_accumulation(case, trained)
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
     assert_same_tensors(adapter(two), adapter(one), atol=1e-5)
     assert proc.stdout.count("adapter written") == 1  # gathered, then written once, by the main process
+    # what the main process holds is what `qtrain plan --fsdp` predicts per device: its shard of every parameter
+    # (frozen and trained), and the quantization constants whole. Exactly, where every tensor has at least as many
+    # rows as processes; FSDP2 shards by rows, so IA3's (1, in) vectors sit whole on the first process (+512
+    # bytes here); and unfreeze keeps the loaded tensors of its layers aside, outside the parameters, unsharded
+    from qtrain.config import load_config
+    from qtrain.memory import estimate, setup_from_config
+
+    cfg = load_config(two / "config.yaml")
+    comp = estimate(setup_from_config(cfg, json.loads((Path(cfg.model.path) / "config.json").read_text()), "cpu",
+                                      shards=2)).components
+    held = json.loads((two / "summary.json").read_text())["parameter_bytes_per_process"]
+    predicted = comp["quantized_weights"] + comp["other_weights"] + comp["trainable_params"]
+    if cfg.peft[0].method == "lora":
+        assert held == predicted
+    else:
+        assert abs(held - predicted) <= 0.005 * predicted
     # the checkpoints hold whole tensors too: the sharded run's equal the single process's
     for step in (2, 3):
         for name in ("trainable.safetensors", "optimizer.safetensors"):
@@ -105,7 +123,10 @@ def test_two_sharded_processes_equal_one_with_double_accumulation(case, trained)
 
 def test_a_sharded_run_resumed_from_its_checkpoint_equals_the_uninterrupted_one(trained):
     folder, _ = trained("4bit-lora")
-    proc = run_sharded(folder / "config.yaml", folder / "resumed", "--resume", str(folder / "two/checkpoints/step-2"))
+    # through `qtrain run --nproc 2 --fsdp` (accelerate's launcher underneath, its FSDP flags instead of a file)
+    proc = run_cli(folder / "config.yaml", "--nproc", "2", "--fsdp", "--output-dir", str(folder / "resumed"),
+                   "--resume", str(folder / "two/checkpoints/step-2"))
+    assert "FSDP2: base and adapters sharded over 2 processes" in proc.stdout
     assert "resuming from" in proc.stdout and "(step 2 of 3)" in proc.stdout
     assert losses(folder / "resumed") == losses(folder / "two")[2:]  # only step 3 ran, and gave the same loss
     assert_same_tensors(adapter(folder / "resumed"), adapter(folder / "two"), atol=0)  # bit for bit on CPU
