@@ -135,6 +135,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     main = accelerator.is_main_process
     fsdp = sharding.requested() if accelerator.num_processes > 1 else None
     shards = accelerator.num_processes if fsdp else 1
+    if fsdp:
+        sharding.check_supported(cfg.training.optimizer)
     say = print if main else (lambda *a, **k: None)
     if resume and overwrite:
         raise QTrainError("--resume continues the run in output.dir and --overwrite deletes it; pass one of them")

@@ -54,6 +54,16 @@ def requested() -> FSDPSettings | None:
                         offload_params=flag("FSDP_OFFLOAD_PARAMS", "false"))
 
 
+def check_supported(optimizer: str) -> None:
+    """Refuse, before anything loads, what cannot train sharded: bitsandbytes' optimizers have no DTensor rule
+    (their step fails with `NotImplementedError: Operator bitsandbytes.optimizer_update_32bit.default does not
+    have a sharding strategy registered`, on any device)."""
+    if optimizer != "adamw":
+        raise QTrainError(f"training.optimizer: {optimizer} cannot step FSDP-sharded parameters (bitsandbytes' "
+                          "optimizers have no DTensor support); use training.optimizer=adamw, whose 32-bit states "
+                          "are sharded with the parameters (1/N of them per device)")
+
+
 def shard_model(model: nn.Module, settings: FSDPSettings) -> nn.Module:
     """Shard `model` in place with FSDP2: each decoder layer one group, then the root (embeddings, norm, head)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard

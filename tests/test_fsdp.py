@@ -156,3 +156,28 @@ def test_the_sharded_adapter_loads_in_peft_and_in_one_qtrain_process(trained, ti
         ours = ours(ids).logits
     assert (ours - bare).abs().max() > 1e-3  # the trained adapter changes the output
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_what_cannot_shard_is_refused_before_anything_loads(monkeypatch, tiny_model_dir, dates_file, tmp_path,
+                                                            capsys):
+    from qtrain import sharding
+    from qtrain.cli import main
+    from qtrain.errors import QTrainError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(QTrainError, match="fsdp_version: 1.*fsdp_version: 2"):
+        sharding.requested()
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    assert sharding.requested() == sharding.FSDPSettings(reshard_after_forward=False, offload_params=False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert sharding.requested() is None
+    # bitsandbytes' optimizers fail on DTensor parameters (checked on this CPU: their step raises
+    # NotImplementedError "Operator bitsandbytes.optimizer_update_32bit.default does not have a sharding strategy")
+    with pytest.raises(QTrainError, match="training.optimizer: adamw_8bit.*adamw"):
+        sharding.check_supported("adamw_8bit")
+    sharding.check_supported("adamw")
+    config = write_config(tmp_path, tiny_model_dir, dates_file)
+    assert main(["run", str(config), "--fsdp"]) == 2
+    assert "--nproc N" in capsys.readouterr().err
