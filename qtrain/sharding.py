@@ -57,7 +57,7 @@ def requested() -> FSDPSettings | None:
 def check_supported(optimizer: str) -> None:
     """Refuse, before anything loads, what cannot train sharded: bitsandbytes' optimizers have no DTensor rule
     (their step fails with `NotImplementedError: Operator bitsandbytes.optimizer_update_32bit.default does not
-    have a sharding strategy registered`, on any device)."""
+    have a sharding strategy registered` on CPU; it is DTensor's dispatch, not a CPU kernel, that has no rule)."""
     if optimizer != "adamw":
         raise QTrainError(f"training.optimizer: {optimizer} cannot step FSDP-sharded parameters (bitsandbytes' "
                           "optimizers have no DTensor support); use training.optimizer=adamw, whose 32-bit states "
