@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qtrain.errors import QTrainError
+from qtrain.sharding import distribute_like, full_optimizer_state, full_tensors, sharded_optimizer_state
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -136,9 +137,10 @@ def _set_rng_state(saved: dict[str, Any], tensors: dict[str, torch.Tensor]) -> N
         torch.cuda.set_rng_state_all(cuda)
 
 
-def write_checkpoint(root: Path, progress: Progress, params: dict[str, nn.Parameter], optimizer,
+def write_checkpoint(root: Path, progress: Progress, params: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                      data_position: dict[str, int], extra: dict[str, Any]) -> Path:
-    """Write `root/step-N` atomically (temporary sibling, fsync, manifest, rename); returns its path."""
+    """Write `root/step-N` atomically (temporary sibling, fsync, manifest, rename); returns its path.
+    `params` and `optimizer_state` (`optimizer.state_dict()`) are whole tensors, as one process holds them."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{progress.step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{progress.step}.tmp-", dir=root))
@@ -146,7 +148,7 @@ def write_checkpoint(root: Path, progress: Progress, params: dict[str, nn.Parame
         save_file({n: p.detach().to("cpu").contiguous() for n, p in params.items()},
                   str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
         opt_tensors: dict[str, torch.Tensor] = {}
-        structure = _encode(optimizer.state_dict(), "optimizer", opt_tensors)
+        structure = _encode(optimizer_state, "optimizer", opt_tensors)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(structure))
         rng, rng_tensors = _rng_state()
@@ -363,7 +365,10 @@ class Checkpointer:
         return self.save_every is not None and step % self.save_every == 0
 
     def save(self, progress: Progress, optimizer, batches, total_steps: int, scaler=None) -> Path | None:
-        bad = [n for n, p in self.params.items() if not torch.isfinite(p).all()]
+        # a sharded run's tensors are gathered whole first, by every process (collectives), then written by one
+        params = full_tensors(self.params)
+        optimizer_state = full_optimizer_state(optimizer.state_dict())
+        bad = [n for n, p in params.items() if not torch.isfinite(p).all()]
         if bad:  # never replace good checkpoints with broken weights
             self.say(f"qtrain: not saving step {progress.step}: non-finite values in {bad[:3]}")
             return None
@@ -376,7 +381,7 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
         extra = {"total_steps": total_steps, "config_hash": self.fingerprint, "config": self.config,
                  "scaler": scaler.state_dict() if scaler is not None else None}
-        self.last_saved = write_checkpoint(self.root, progress, self.params, optimizer, batches.state(), extra)
+        self.last_saved = write_checkpoint(self.root, progress, params, optimizer_state, batches.state(), extra)
         prune(self.root, self.keep_last)
         return self.last_saved
 
@@ -392,9 +397,10 @@ class Checkpointer:
                                   f"{missing[:3]}, unexpected {extra[:3]}); resume with the config that wrote it")
         with torch.no_grad():
             for name, p in self.params.items():
-                p.copy_(saved[name])
+                p.copy_(distribute_like(saved[name], p))
         structure = json.loads((ckpt.path / "optimizer.json").read_text())
-        optimizer.load_state_dict(_decode(structure, load_file(str(ckpt.path / "optimizer.safetensors"))))
+        state = _decode(structure, load_file(str(ckpt.path / "optimizer.safetensors")))
+        optimizer.load_state_dict(sharded_optimizer_state(state, optimizer))
         if scaler is not None and ckpt.state.get("scaler"):
             scaler.load_state_dict(ckpt.state["scaler"])
         batches.restore(ckpt.state["data"])

@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="validate the config and print it resolved; load nothing")
     r.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel over N processes through `accelerate launch` (GPUs, or CPU with gloo)")
+    r.add_argument("--fsdp", action="store_true",
+                   help="with --nproc: shard the base, adapters and optimizer states over them (FSDP2)")
 
     d = sub.add_parser("data", help="show formatted training examples with their loss masks, and length stats")
     d.add_argument("config", help="YAML config file")
@@ -66,6 +68,11 @@ def _add_plan_command(sub) -> None:
     pl.add_argument("--model-config", metavar="FILE", help="the model's config.json (instead of model.path)")
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="where it will train (decides compute_dtype auto and runtime overhead; default cuda)")
+    pl.add_argument("--nproc", type=int, metavar="N", help="processes (devices) the run will use")
+    pl.add_argument("--fsdp", action="store_true", help="they shard the model (FSDP2): plan per device")
+    pl.add_argument("--accelerate-config", metavar="FILE",
+                    help="an accelerate config (num_processes; distributed_type FSDP shards), e.g. "
+                         "configs/accelerate/fsdp-qlora.yaml")
     pl.add_argument("--json", action="store_true", help="print a JSON object (peak_bytes, components, ...)")
     pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -140,6 +147,11 @@ def _run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         print(f"qtrain: {args.config} is valid", file=sys.stderr)
         return 0
+    if args.fsdp and args.nproc < 2 and "LOCAL_RANK" not in os.environ:
+        raise QTrainError(f"--fsdp shards over several processes; add --nproc N (N >= 2), got --nproc {args.nproc}")
+    if args.fsdp and "LOCAL_RANK" in os.environ and os.environ.get("ACCELERATE_USE_FSDP") != "true":
+        raise QTrainError("--fsdp: this process was launched without FSDP; launch with --nproc N --fsdp, or "
+                          "`accelerate launch --config_file configs/accelerate/fsdp-qlora.yaml`")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _launch(args)
     _quiet_libraries()
@@ -154,6 +166,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     """Re-run this same command under accelerate's launcher with N processes (torchrun underneath)."""
+    import socket
     import subprocess
 
     argv, skip = [], False
@@ -161,8 +174,13 @@ def _launch(args: argparse.Namespace) -> int:
         if not skip and a != "--nproc" and not a.startswith("--nproc="):
             argv.append(a)
         skip = a == "--nproc"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.nproc),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qtrain", *argv]
+    with socket.socket() as s:  # a free port: a second run on this machine would collide at torchrun's 29500
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    how = ["--use_fsdp", "--fsdp_version", "2"] if args.fsdp else ["--multi_gpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(args.nproc),
+           "--main_process_port", str(port), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "qtrain", *argv]
     return subprocess.call(cmd)
 
 
@@ -236,10 +254,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from qtrain.config import load_config
-    from qtrain.planner import report
+    from qtrain.planner import report, shards_of
 
+    shards = shards_of(args.nproc, args.fsdp, args.accelerate_config)
     print(report(load_config(args.config, args.overrides), args.gpu, args.budget, args.model_config, args.json,
-                 args.device))
+                 args.device, shards))
     return 0
 
 

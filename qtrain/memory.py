@@ -70,6 +70,7 @@ class Setup:
     offload: bool = False  # training.activation_offload: checkpointed layer inputs in host memory
     mlp_chunk: int | None = None  # training.mlp_chunk_tokens: the tiled MLP's chunk
     host_embeddings: bool = False  # model.embeddings_on_host (untied models only)
+    shards: int = 1  # devices the parameters and optimizer states are sharded over (FSDP2, `qtrain.sharding`)
 
     @property
     def tokens(self) -> int:  # positions per sequence, prompt tuning's virtual tokens included
@@ -115,6 +116,13 @@ def quantized_linear_bytes(n_in: int, n_out: int, bits: int | None, compute_byte
     if bits == 8:
         return n + 4 * n_out  # int8 values + one fp32 scale per output row
     return n * compute_bytes
+
+
+def packed_linear_bytes(n_in: int, n_out: int, bits: int | None, compute_bytes: int) -> int:
+    """The part of `quantized_linear_bytes` that is the weight parameter itself (what FSDP shards): the packed
+    values; the quantization constants are attributes beside it, kept whole on every device."""
+    n = n_in * n_out
+    return (n + 1) // 2 if bits == 4 else n if bits == 8 else n * compute_bytes
 
 
 _LAYOUTS: dict[tuple[Any, ...], tuple[list[int], list[dict[str, int] | None]]] = {}
@@ -224,7 +232,7 @@ def _layer_transient_per_token(s: Setup) -> tuple[float, float]:
 def estimate(s: Setup) -> Estimate:
     a, e = s.arch, s.compute_bytes
     dense = set().union(*(b.full_precision_linears(a) for b in s.blocks))
-    quant = full = 0
+    quant = full = packed = 0
     big = 0  # the largest dense weight a quantized linear materialises
     mlp_dense = {}  # per layer: the dense MLP weights the tiled MLP holds through one call (dequantize_once)
     for name, (i, o) in a.linears().items():
@@ -234,6 +242,7 @@ def estimate(s: Setup) -> Estimate:
             full += i * o * e
         else:
             quant += quantized_linear_bytes(i, o, s.bits, e, s.double_quant, s.blocksize)
+            packed += packed_linear_bytes(i, o, s.bits, e)
             big = max(big, i * o)
             if ".mlp." in name:
                 layer_name = name.split(".mlp.")[0]
@@ -246,6 +255,10 @@ def estimate(s: Setup) -> Estimate:
     sizes = _layout(s)[0]
     trainable = 4 * sum(sizes)
     states, paged = _optimizer_state(s, sizes)
+    gathered = _gathered(s, packed + full, trainable) if s.shards > 1 else 0
+    if s.shards > 1:  # each device keeps 1/N of every parameter, gradient and optimizer state (the constants whole)
+        quant, other, trainable, states, paged = (quant - packed + _share(packed, s), _share(other, s),
+                                                  _share(trainable, s), _share(states, s), _share(paged, s))
     # torch's foreach AdamW (default on CUDA) holds one temporary per parameter; bnb and CPU AdamW ~none
     opt_scratch = trainable if s.device == "cuda" and s.optimizer == "adamw" else 4 * max(sizes, default=0)
 
@@ -287,11 +300,12 @@ def estimate(s: Setup) -> Estimate:
 
     comp = {"quantized_weights": quant, "other_weights": other, "trainable_params": trainable,
             "gradients": trainable, "optimizer_states": states, "activations": 0, "layer_backward": 0,
-            "logits_and_loss": 0, "dequant_scratch": kept_scratch, "optimizer_step": 0, "runtime_overhead": overhead}
+            "logits_and_loss": 0, "dequant_scratch": kept_scratch, "optimizer_step": 0, "gathered_weights": 0,
+            "runtime_overhead": overhead}
     transient_scratch = max(scratch - kept_scratch, held)
-    backward = saved + max(loss_ws, layer_ws + transient_scratch)
+    backward = saved + gathered + max(loss_ws, layer_ws + transient_scratch)
     if backward >= opt_scratch:
-        comp["activations"] = saved
+        comp["activations"], comp["gathered_weights"] = saved, gathered
         if loss_ws >= layer_ws + transient_scratch:
             comp["logits_and_loss"] = loss_ws
         else:
@@ -305,7 +319,7 @@ def estimate(s: Setup) -> Estimate:
         "logits_and_loss": int(loss_ws), "layer_backward": int(layer_ws),
         "dequant_scratch": int(kept_scratch + transient_scratch),
         "optimizer_step": int(opt_scratch), "attention_mask": int(mask), "pageable_optimizer_states": paged,
-        "trainable_parameter_count": sum(sizes), "tensor_bytes": 0,
+        "trainable_parameter_count": sum(sizes), "gathered_weights": int(gathered), "tensor_bytes": 0,
         # host memory the run adds (pinned on a GPU): offloaded layer inputs and the input embedding table
         "host_offloaded_activations": int(offloaded), "host_embeddings": int(on_host),
         "host_bytes": int(offloaded + on_host),
@@ -313,6 +327,34 @@ def estimate(s: Setup) -> Estimate:
     comp = {k: int(v) for k, v in comp.items()}
     details["tensor_bytes"] = sum(comp.values()) - overhead
     return Estimate(comp, details, sum(comp.values()))
+
+
+def _share(n: int, s: Setup) -> int:
+    return math.ceil(n / s.shards)
+
+
+def _gathered(s: Setup, layer_weights: int, trainable: int) -> int:
+    """Bytes FSDP2 holds whole beyond each device's shards while a sharded run goes forward and back: the root
+    group (embeddings, head, final norm), gathered for the whole forward and backward, and two decoder layers
+    (the running one and the one prefetched), each with its trainable parameters and their unsharded gradient
+    before the reduce-scatter. A layer's trainables are its LoRA-like blocks' share, or all of another block's
+    (e.g. one unfrozen layer): an upper bound for methods spread over every layer."""
+    a, e = s.arch, s.compute_bytes
+    root = a.vocab * a.hidden * e * (1 if a.tie_embeddings else 2) + a.hidden * e
+    layer = layer_weights // a.layers + 2 * a.hidden * e
+    if a.attention_bias:
+        layer += (a.heads + 2 * a.kv_heads) * a.head_dim * e
+    trained, linears = 0, a.linears()
+    for b, chosen in zip(s.blocks, _layout(s)[1]):
+        if chosen is None:
+            trained += 4 * b.trainable_parameters(a)
+        else:
+            per_layer = [0] * a.layers
+            for name, r in chosen.items():  # names are model.layers.<i>.<...>
+                i, o = linears[name]
+                per_layer[int(name.split(".")[2])] += 4 * (r * (i + o) + (o if getattr(b, "dora", False) else 0))
+            trained += max(per_layer)
+    return root - _share(root, s) + 2 * (layer + 2 * trained)
 
 
 # ------------------------------------------------------------------------------------------------ from a config
@@ -328,11 +370,12 @@ def read_model_config(cfg: RunConfig, model_config: str | Path | None = None) ->
 
 
 def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "cuda",
-                      micro_batch: int | None = None) -> Setup:
+                      micro_batch: int | None = None, shards: int = 1) -> Setup:
     """The planner's view of a run. `device` decides `compute_dtype: auto` (bf16/fp16 on GPU, fp32 on CPU);
     `gradient_checkpointing: auto` counts as on until `qtrain.planner.auto_checkpointing` decides it; the
     `auto` of `activation_offload`, `mlp_chunk_tokens` and `embeddings_on_host` as off until
-    `qtrain.planner.auto_memory_savers` decides them."""
+    `qtrain.planner.auto_memory_savers` decides them; `shards`: the devices an FSDP run shards over (1: every
+    device holds everything)."""
     q, t = cfg.quantization, cfg.training
     compute = q.compute_dtype if q.compute_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     mb = micro_batch or (t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1)
@@ -341,7 +384,7 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
         double_quant=q.double_quant, blocksize=q.blocksize, skip_modules=tuple(q.skip_modules),
         compute_bytes=DTYPE_BYTES[compute], micro_batch=mb,
         seq_len=cfg.data.max_seq_len, checkpointing=t.gradient_checkpointing is not False, optimizer=t.optimizer,
-        attention=cfg.model.attn_implementation, loss_chunk=t.loss_chunk_size, device=device,
+        attention=cfg.model.attn_implementation, loss_chunk=t.loss_chunk_size, device=device, shards=shards,
         offload=t.activation_offload is True, host_embeddings=cfg.model.embeddings_on_host is True,
         mlp_chunk=t.mlp_chunk_tokens if isinstance(t.mlp_chunk_tokens, int) else None,
     )

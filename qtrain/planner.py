@@ -151,7 +151,7 @@ class Plan:
                       "extra_keys": s.keys - s.tokens,
                       "gradient_accumulation_steps": self.accumulation, "bits": s.bits, "device": s.device,
                       "compute_bytes": s.compute_bytes, "checkpointing": s.checkpointing, "optimizer": s.optimizer,
-                      "attention": s.attention, "arch": asdict(s.arch)},
+                      "attention": s.attention, "shards": s.shards, "arch": asdict(s.arch)},
             "max_micro_batch": self.max_micro_batch, "max_seq_len": self.max_seq_len,
             "max_seq_len_without_savers": self.max_seq_len_without_savers,
             "max_seq_len_with_savers": self.max_seq_len_with_savers, "host_bytes": self.estimate.details["host_bytes"],
@@ -176,10 +176,11 @@ def resolve_budget(cfg: RunConfig, gpu: str | None = None, budget: str | None = 
 
 
 def make_plan(cfg: RunConfig, model_cfg: dict[str, Any], budget: int | None, source: str = "",
-              device: str = "cuda") -> Plan:
-    """Predict the peak for `cfg`; with a budget also solve what fits. `micro_batch_size: auto` becomes the
-    largest micro-batch that fits (1 without a budget), accumulation adjusted as `qtrain run` would."""
-    s = setup_from_config(cfg, model_cfg, device)
+              device: str = "cuda", shards: int = 1) -> Plan:
+    """Predict the peak for `cfg` (per device, parameters and optimizer states divided over `shards` devices
+    under FSDP); with a budget also solve what fits. `micro_batch_size: auto` becomes the largest micro-batch
+    that fits (1 without a budget), accumulation adjusted as `qtrain run` would."""
+    s = setup_from_config(cfg, model_cfg, device, shards=shards)
     accumulation = cfg.training.gradient_accumulation_steps
     if cfg.training.micro_batch_size == "auto" and budget is not None:
         micro, accumulation = auto_micro_batch(cfg, s, budget)
@@ -295,6 +296,7 @@ _ROWS = {
     "logits_and_loss": "logits and loss of one {chunk}-token chunk (fp32 softmax and gradient)",
     "dequant_scratch": "dequantization scratch ({scratch})",
     "optimizer_step": "optimizer step temporaries",
+    "gathered_weights": "FSDP: weights gathered whole (root group + 2 layers, with their trained tensors)",
     "runtime_overhead": "{runtime}",
 }
 
@@ -314,7 +316,8 @@ def render(plan: Plan) -> str:
     lines = [f"qtrain plan: micro-batch {s.micro_batch} × {s.tokens} tokens{prefix} × {plan.accumulation} "
              "accumulation, "
              f"{s.arch.layers} layers, hidden {s.arch.hidden}, vocab {s.arch.vocab}, {s.attention} attention, "
-             f"on {s.device}", "", f"  {'component':<78} {'bytes':>11}"]
+             f"on {s.device}" + (f", sharded over {s.shards} devices (FSDP2): per device" if s.shards > 1 else ""),
+             "", f"  {'component':<78} {'bytes':>11}"]
     for key, value in est.components.items():
         if value or key in ("activations", "quantized_weights"):
             lines.append(f"  {_ROWS[key].format(**fill):<78} {fmt_bytes(value):>11}")
@@ -358,11 +361,31 @@ def render(plan: Plan) -> str:
 
 
 def report(cfg: RunConfig, gpu: str | None = None, budget: str | None = None, model_config: str | None = None,
-           as_json: bool = False, device: str = "cuda") -> str:
+           as_json: bool = False, device: str = "cuda", shards: int = 1) -> str:
     """What `qtrain plan` prints: the breakdown table and what fits, or the same as JSON."""
     size, source = resolve_budget(cfg, gpu, budget)
-    plan = make_plan(cfg, read_model_config(cfg, model_config), size, source, device)
+    plan = make_plan(cfg, read_model_config(cfg, model_config), size, source, device, shards)
     return json.dumps(plan.to_dict(), indent=2) if as_json else render(plan)
+
+
+def shards_of(nproc: int | None, fsdp: bool, accelerate_config: str | None) -> int:
+    """How many devices `qtrain plan` divides parameters and optimizer states over: `--nproc N --fsdp`, or an
+    accelerate config's num_processes when its distributed_type is FSDP (`--nproc` overrides its count).
+    Data-parallel processes each hold everything: 1."""
+    if accelerate_config:
+        import yaml
+
+        try:
+            acc = yaml.safe_load(open(accelerate_config)) or {}
+            assert isinstance(acc, dict)
+        except (OSError, yaml.YAMLError, AssertionError) as e:
+            raise QTrainError(f"--accelerate-config: cannot read {accelerate_config} as an accelerate config "
+                              f"({e or 'not a mapping'})") from None
+        fsdp = fsdp or acc.get("distributed_type") == "FSDP"
+        nproc = nproc or int(acc.get("num_processes") or 1)
+    if fsdp and not nproc:
+        raise QTrainError("--fsdp: give the number of devices to shard over with --nproc N")
+    return max(1, nproc or 1) if fsdp else 1
 
 
 def device_memory(device_type: str) -> int:
@@ -398,10 +421,12 @@ def _resolve_memory_savers(cfg: RunConfig, s: Setup, limit: int, auto: set[str],
     return cfg
 
 
-def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type: str, say=print) -> RunConfig:
+def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type: str, say=print,
+                         shards: int = 1) -> RunConfig:
     """What `qtrain run` asks before loading the model: resolve `micro_batch_size: auto`, then
     `gradient_checkpointing: auto`, then the memory savers' `auto` (returns a copy of `cfg` with them set) and
-    warn when the prediction exceeds the budget."""
+    warn when the prediction exceeds the budget. `shards`: the processes an FSDP run shards over (the prediction
+    is then per device)."""
     device = "cuda" if device_type == "cuda" else "cpu"
     t = cfg.training
     budget = None if t.memory_budget is None else parse_bytes(t.memory_budget, "training.memory_budget")
@@ -410,20 +435,21 @@ def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type:
         limit = budget if budget is not None else device_memory(device)
         limit_text = f"{'training.memory_budget' if budget is not None else 'device memory'} {fmt_bytes(limit)}"
     if t.micro_batch_size == "auto":
-        micro, accumulation = auto_micro_batch(cfg, setup_from_config(cfg, model_cfg, device), limit)
+        micro, accumulation = auto_micro_batch(cfg, setup_from_config(cfg, model_cfg, device, shards=shards), limit)
         cfg = cfg.model_copy(update={"training": t.model_copy(update={
             "micro_batch_size": micro, "gradient_accumulation_steps": accumulation})})
         say(f"qtrain: micro_batch_size auto → {micro} (gradient accumulation {accumulation}, {limit_text})")
     if t.gradient_checkpointing == "auto":
-        s = setup_from_config(cfg, model_cfg, device)
+        s = setup_from_config(cfg, model_cfg, device, shards=shards)
         on = auto_checkpointing(s, limit)
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": on})})
         without = estimate(replace(s, checkpointing=False)).peak
         say(f"qtrain: gradient_checkpointing auto → {'on' if on else 'off'} (predicted peak without it "
             f"{fmt_bytes(without)}, {'within' if without <= limit else 'over'} {limit_text})")
     if auto:
-        cfg = _resolve_memory_savers(cfg, setup_from_config(cfg, model_cfg, device), limit, auto, limit_text, say)
-    peak = estimate(setup_from_config(cfg, model_cfg, device)).peak
+        cfg = _resolve_memory_savers(cfg, setup_from_config(cfg, model_cfg, device, shards=shards), limit, auto,
+                                     limit_text, say)
+    peak = estimate(setup_from_config(cfg, model_cfg, device, shards=shards)).peak
     if budget is not None and peak > budget:
         print(f"qtrain: warning: the planner predicts a peak of {fmt_bytes(peak)}, over training.memory_budget "
               f"{fmt_bytes(budget)}; `qtrain plan CONFIG --budget {t.memory_budget}` lists changes that fit",

@@ -137,7 +137,7 @@ def quantize_linear(linear: nn.Linear, spec: QuantSpec) -> nn.Module:
             compress_statistics=spec.double_quant, quant_type=spec.quant_type, quant_storage=spec.quant_storage,
             module=layer, bnb_quantized=True,
         )
-        layer.quant_state = state
+        layer.quant_state = state  # the layer's copy: FSDP's gathered weight is a plain tensor (qtrain.sharding)
         layer.support_avx512bf16_for_cpu = False  # keep one numeric path for train and eval (module docstring)
     elif spec.bits == 8:
         layer = Linear8bitLt(
@@ -147,6 +147,7 @@ def quantize_linear(linear: nn.Linear, spec: QuantSpec) -> nn.Module:
         param = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False)
         param.CB, param.SCB = cb, scb
         layer.weight = param
+        layer.state.SCB = scb  # the layer's copy: FSDP's gathered weight is a plain tensor (qtrain.sharding)
     else:
         raise AssertionError(f"unsupported bits {spec.bits}")
     if has_bias:
@@ -196,11 +197,17 @@ def _quantize_4bit(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor,
     return packed, QuantState(absmax=qabsmax, offset=offset, state2=state2, **state)
 
 
+def quant_state(layer: nn.Module) -> QuantState:
+    """A 4-bit layer's quantization state: its weight's, or, where the weight is FSDP's all-gathered plain tensor
+    (which carries no bnb attributes), the copy `quantize_linear` keeps on the layer."""
+    return getattr(layer.weight, "quant_state", None) or layer.quant_state
+
+
 def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense (out, in) weight `layer` multiplies by, as a new tensor (never a view of the stored one)."""
     w = layer.weight
     if isinstance(layer, bnb.nn.Linear4bit):
-        state = w.quant_state
+        state = quant_state(layer)
         if dtype in (torch.float32, torch.bfloat16, torch.float16) and dtype != state.dtype:
             # written in `dtype` directly, one pass fewer: into 16 bits the values of a cast; into fp32 from a
             # 16-bit state the exact products, not the 16-bit rounding of them
@@ -254,7 +261,7 @@ def _matmul_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         return dequantized_weight(layer, dtype)
     if isinstance(layer, bnb.nn.Linear8bitLt):
         return _int8_dequantized(layer, _scratch(tuple(w.shape), dtype))
-    out = _dequantize_4bit_cpu(w, dtype)
+    out = _dequantize_4bit_cpu(w, quant_state(layer), dtype)
     return out if out is not None else dequantized_weight(layer, dtype)
 
 
@@ -326,10 +333,9 @@ def scratch_tensors() -> list[torch.Tensor]:
     return list(_SCRATCH.values())
 
 
-def _dequantize_4bit_cpu(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+def _dequantize_4bit_cpu(w: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor | None:
     """A 4-bit weight written into the reused buffer by bitsandbytes' own CPU kernel, the one `dequantize_4bit`
     calls (whose CPU backend has no `out=` form). None where that backend would not use this kernel either."""
-    state = w.quant_state
     fn = _DEQUANTIZE_4BIT.get((state.quant_type, dtype))
     rows, cols = state.shape
     if (fn is None or isinstance(lib, ErrorHandlerMockBNBNativeLibrary) or not hasattr(lib, fn) or cols % 2
@@ -352,7 +358,7 @@ def weight_nbytes(layer: nn.Module) -> int:
     w = layer.weight
     n = w.data.numel() * w.data.element_size()
     if isinstance(layer, bnb.nn.Linear4bit):
-        qs = w.quant_state
+        qs = quant_state(layer)
         n += qs.absmax.numel() * qs.absmax.element_size()
         if qs.nested and qs.state2 is not None:
             n += qs.state2.absmax.numel() * qs.state2.absmax.element_size() + qs.state2.code.numel() * 4

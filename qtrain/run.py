@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import yaml
 
+from qtrain import sharding
 from qtrain.config import RunConfig
 from qtrain.errors import QTrainError
 
@@ -134,6 +135,10 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         resolve_compute_dtype(cfg.quantization.compute_dtype, device), "no")
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
     main = accelerator.is_main_process
+    fsdp = sharding.requested() if accelerator.num_processes > 1 else None
+    shards = accelerator.num_processes if fsdp else 1
+    if fsdp:
+        sharding.check_supported(cfg.training.optimizer)
     say = print if main else (lambda *a, **k: None)
     if resume and overwrite:
         raise QTrainError("--resume continues the run in output.dir and --overwrite deletes it; pass one of them")
@@ -166,7 +171,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     chunk = ckpt.state.get("config", {}).get("training", {}).get("mlp_chunk_tokens", "auto") if ckpt else "auto"
     if cfg.training.mlp_chunk_tokens == "auto" and chunk != "auto":  # chunking reassociates the gradient sums
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"mlp_chunk_tokens": chunk})})
-    cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say)
+    cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say, shards)
     if accelerator.num_processes > 1:  # `auto` read this process's free memory: all train as the main one decided
         cfg = _as_main_decided(cfg, accelerator)
     if ckpt:  # against the resolved config (micro_batch_size: auto is a number by now)
@@ -223,7 +228,14 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     for method in methods:  # data-dependent init (a sparse mask): same batches, same result on every process
         method.calibrate(model, calibration,
                          lambda m, b: mean_batch_loss(m, b, cfg.training.loss_chunk_size, accelerator))
-    if accelerator.num_processes > 1:
+    held = None  # bytes of parameters this process holds, when sharded
+    if fsdp:  # FSDP2, on any device (qtrain.sharding says why not accelerate's)
+        model = sharding.shard_model(model, fsdp)
+        params, groups = sharding.reshard_params(model, params, groups)
+        held = sharding.held_parameter_bytes(model)
+        say(f"qtrain: FSDP2: base and adapters sharded over {shards} processes; the main one holds "
+            f"{held / 2**20:.1f} MiB of parameters")
+    elif accelerator.num_processes > 1:
         model = accelerator.prepare_model(model)
 
     steps = total_steps(cfg, len(train_set), accelerator.num_processes)
@@ -267,7 +279,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     summary: dict[str, Any] = {
         "steps": result.steps, "train_seconds": round(result.seconds, 1), "first_loss": result.losses[0],
         "final_loss": result.losses[-1], "trainable_parameters": n_trainable, "base_parameters": base_params,
-        "base_footprint_bytes": fp,
+        "base_footprint_bytes": fp, "shards": shards, "parameter_bytes_per_process": held,
         # as run, with `auto` resolved (config.yaml keeps what the user wrote)
         **{k: getattr(cfg.training, k) for k in ("micro_batch_size", "gradient_accumulation_steps",
                                                   "gradient_checkpointing", "activation_offload",
@@ -276,8 +288,9 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     }
     if offload is not None:
         summary["offload"] = offload.stats
+    full = sharding.full_tensors(params)  # every process takes part in gathering a sharded run's adapter
     if main:
-        save_adapter(out / "adapter", methods, params, base_model=cfg.model.path)
+        save_adapter(out / "adapter", methods, full, base_model=cfg.model.path)
         say(f"qtrain: adapter written to {out / 'adapter'}")
     scores["trained"] = score(model)
     summary.update({k: v for k, v in scores["trained"].items() if k.startswith("eval_")})

@@ -29,6 +29,7 @@ from qtrain.errors import QTrainError
 from qtrain.methods import prepare_inputs
 from qtrain.numerics import count_targets, token_loss_sum
 from qtrain.quantization import make_optimizer_class
+from qtrain.sharding import no_sync
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -101,7 +102,7 @@ def step_gradients(model: nn.Module, micro: list[dict[str, torch.Tensor]], accel
     loss_sum = torch.zeros((), device=device)
     for i, (batch, count) in enumerate(zip(micro, counts)):
         batch = to_device(batch, device)
-        with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
+        with nullcontext() if i == len(micro) - 1 else no_sync(model, accelerator):
             with accelerator.autocast():
                 part = batch_loss_sum(model, batch, chunk_size, n_targets=count)
             accelerator.backward(part * scale.to(part.dtype))
@@ -125,7 +126,9 @@ def accumulate_gradients(model: nn.Module, micro: list[dict[str, torch.Tensor]],
 
 
 def read_on_host(*values: torch.Tensor) -> list[float]:
-    """Scalars of a step, read back in one transfer: the training loop's one wait for the device per step."""
+    """Scalars of a step, read back in one transfer: the training loop's one wait for the device per step.
+    A sharded run's gradient norm is a DTensor: its full value takes part."""
+    values = [v.full_tensor() if hasattr(v, "full_tensor") else v for v in values]
     return torch.stack([v.detach().to(torch.float64) for v in values]).tolist()
 
 

@@ -51,7 +51,7 @@ def flat(sd, prefix=""):
 @pytest.mark.parametrize("name", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
 def test_optimizer_state_round_trips_exactly(tmp_path, name):
     p, opt = stepped_optimizer(name)
-    path = write_checkpoint(tmp_path, Progress(step=2), {"w": p}, opt, Position().state(), {})
+    path = write_checkpoint(tmp_path, Progress(step=2), {"w": p}, opt.state_dict(), Position().state(), {})
     q = torch.nn.Parameter(torch.zeros_like(p))
     fresh = make_optimizer_class(name)([q], lr=1.0)
     saver = ck.Checkpointer(tmp_path, {"w": q}, {}, "", None, None, resume_from=Checkpoint.open(path))
@@ -77,7 +77,7 @@ def test_optimizer_state_round_trips_exactly(tmp_path, name):
 
 def test_checkpoint_layout_is_safetensors_json_and_a_manifest(tmp_path):
     p, opt = stepped_optimizer("adamw")
-    path = write_checkpoint(tmp_path, Progress(step=7, losses=[1.5, 0.25]), {"w": p}, opt, {"epoch": 0,
+    path = write_checkpoint(tmp_path, Progress(step=7, losses=[1.5, 0.25]), {"w": p}, opt.state_dict(), {"epoch": 0,
                                                                                             "position": 3}, {})
     assert path == tmp_path / "step-7"
     assert sorted(os.listdir(path)) == sorted([*ck.FILES, ck.MANIFEST])
@@ -94,7 +94,7 @@ def test_checkpoint_layout_is_safetensors_json_and_a_manifest(tmp_path):
 def make_run(root, steps):
     p, opt = stepped_optimizer("adamw", numel=256)
     for s in steps:
-        write_checkpoint(root, Progress(step=s), {"w": p}, opt, {"epoch": 0, "position": s}, {})
+        write_checkpoint(root, Progress(step=s), {"w": p}, opt.state_dict(), {"epoch": 0, "position": s}, {})
 
 
 def test_corrupt_and_unfinished_checkpoints_are_skipped_for_the_previous_one(tmp_path):
@@ -138,7 +138,7 @@ KILL_MID_SAVE = textwrap.dedent("""
     p = torch.nn.Parameter(torch.randn(64, 64))
     opt = torch.optim.AdamW([p])
     p.grad = torch.randn_like(p); opt.step()
-    ck.write_checkpoint(root, ck.Progress(step=1), {"w": p}, opt, {"epoch": 0, "position": 1}, {})
+    ck.write_checkpoint(root, ck.Progress(step=1), {"w": p}, opt.state_dict(), {"epoch": 0, "position": 1}, {})
     calls = []
     real = ck._fsync
     def dying_fsync(path):  # a kill -9 after the N-th fsync of the second save
@@ -147,7 +147,7 @@ KILL_MID_SAVE = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         real(path)
     ck._fsync = dying_fsync
-    ck.write_checkpoint(root, ck.Progress(step=2), {"w": p}, opt, {"epoch": 0, "position": 2}, {})
+    ck.write_checkpoint(root, ck.Progress(step=2), {"w": p}, opt.state_dict(), {"epoch": 0, "position": 2}, {})
 """)
 
 

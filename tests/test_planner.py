@@ -8,11 +8,13 @@ import math
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from qtrain.arch import Arch
 from qtrain.cli import main
 from qtrain.config import TrainingSection, load_config
 from qtrain.gpus import GPUS, parse_bytes
@@ -321,3 +323,52 @@ def test_every_method_block_is_accounted_through_its_hooks(tmp_path, tiny_model_
         assert est.components["quantized_weights"] == expected, name
         s = setup_from_config(cfg, model_cfg)
         assert s.tokens == s.seq_len + (16 if name == "prompt_tuning" else block.extra_tokens()), name
+
+
+LLAMA_70B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+             "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+             "tie_word_embeddings": False}
+
+
+def test_sharding_divides_parameters_gradients_and_optimizer_states_per_device(tmp_path, tiny_model_dir, dates_file):
+    cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={"gradient_checkpointing": True})
+    one, two, four = (estimate(setup_from_config(cfg, LLAMA_70B, shards=n)) for n in (1, 2, 4))
+    for n, est in ((2, two), (4, four)):
+        for key in ("other_weights", "trainable_params", "gradients", "optimizer_states"):
+            assert est.components[key] == math.ceil(one.components[key] / n), key
+        assert est.components["activations"] == one.components["activations"]  # each device runs its own batch
+        # the packed 4-bit values shard; absmax and the double-quant constants stay whole on every device
+        constants = sum(quantized_linear_bytes(i, o, 4, 2) - (i * o + 1) // 2 for i, o in Arch.from_config(
+            LLAMA_70B).linears().values())
+        packed = one.components["quantized_weights"] - constants
+        assert est.components["quantized_weights"] == constants + math.ceil(packed / n)
+        assert est.details["gathered_weights"] > 0 and est.components["gathered_weights"] > 0
+    assert one.components["gathered_weights"] == 0
+    assert four.peak < two.peak < one.peak
+    # a 70B's 4-bit linears: 32.9 GiB on one device, 16.9 GiB each over two (the constants, 1 GiB, on both); its
+    # untied embeddings and head (2 x 2 GiB in bf16) are halved at rest and gathered whole to run
+    assert one.components["quantized_weights"] / 2**30 == pytest.approx(32.89, abs=0.01)
+    assert two.components["quantized_weights"] / 2**30 == pytest.approx(16.95, abs=0.01)
+    assert two.components["gathered_weights"] > 2 * 2**30 > two.components["other_weights"]
+
+
+def test_cli_plans_per_device_with_fsdp_or_the_accelerate_config(tmp_path, tiny_model_dir, dates_file, capsys):
+    path = write_config(tmp_path, tiny_model_dir, dates_file)
+    config_file = str(Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp-qlora.yaml")
+
+    def plan(*args):
+        assert main(["plan", str(path), "--budget", "2GB", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    single, data_parallel = plan(), plan("--nproc", "2")
+    sharded, from_file, four = plan("--nproc", "2", "--fsdp"), plan("--accelerate-config", config_file), \
+        plan("--accelerate-config", config_file, "--nproc", "4")
+    assert single["setup"]["shards"] == data_parallel["setup"]["shards"] == 1  # data-parallel: each holds all
+    assert data_parallel["components"] == single["components"]
+    assert sharded["setup"]["shards"] == from_file["setup"]["shards"] == 2 and four["setup"]["shards"] == 4
+    assert from_file["components"] == sharded["components"]
+    assert sharded["components"]["optimizer_states"] == single["components"]["optimizer_states"] // 2
+    assert main(["plan", str(path), "--nproc", "2", "--fsdp"]) == 0
+    assert "sharded over 2 devices (FSDP2): per device" in capsys.readouterr().out
+    assert main(["plan", str(path), "--fsdp"]) == 2
+    assert "--nproc" in capsys.readouterr().err
