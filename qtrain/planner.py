@@ -61,7 +61,9 @@ def _with_blocks(s: Setup, **update: Any) -> Setup:
 
 def suggestions(s: Setup, budget: int, accumulation: int = 1) -> list[Suggestion]:
     """Single changes that lower the peak, each with its new prediction: those that fit first, least
-    disruptive first (the order below), then the rest by peak."""
+    disruptive first (the order below), then the rest by peak. A change predicted not to lower it here is left
+    out (LoRA on q_proj and v_proj only, when it targets q_proj alone; 8-bit states of tensors bnb keeps in
+    32-bit)."""
     lora = [i for i, b in enumerate(s.blocks) if lora_like(b)]
     options: list[tuple[str, list[str], Setup]] = []
     if not s.checkpointing:
@@ -94,9 +96,11 @@ def suggestions(s: Setup, budget: int, accumulation: int = 1) -> list[Suggestion
     if t:
         options.append((f"data.max_seq_len {t} (longer examples are truncated)", [f"data.max_seq_len={t}"],
                         replace(s, seq_len=t)))
-    out = []
+    out, current = [], estimate(s).peak
     for rank, (change, overrides, new) in enumerate(options):
         peak = estimate(new).peak
+        if peak >= current:
+            continue
         out.append((peak > budget, rank if peak <= budget else peak, Suggestion(change, overrides, peak,
                                                                                   peak <= budget)))
     return [sug for *_, sug in sorted(out, key=lambda x: (x[0], x[1]))]

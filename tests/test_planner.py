@@ -143,6 +143,19 @@ def test_solver_is_consistent(tmp_path, tiny_model_dir, dates_file):
     assert m_new * acc == 128 and estimate(replace(s, micro_batch=m_new)).peak == micro.peak <= budget
 
 
+@pytest.mark.parametrize("targets", [["q_proj"], ["v_proj", "q_proj"], "all-linear"])
+def test_suggestions_only_name_changes_that_lower_the_peak(tmp_path, tiny_model_dir, dates_file, targets):
+    """'LoRA on q_proj and v_proj only' used to be offered to a LoRA on q_proj alone (+1.6 MB predicted here)
+    or on exactly those two (no change); 8-bit AdamW to this tiny model, whose tensors bnb keeps in 32-bit."""
+    cfg = _cfg(tmp_path, tiny_model_dir, dates_file, peft=[{"method": "lora", "r": 4, "target_modules": targets}])
+    s = replace(setup_from_config(cfg, _model_cfg(tiny_model_dir), device="cuda"), micro_batch=64)
+    sugs = suggestions(s, estimate(s).peak // 2)
+    assert sugs and all(x.peak < estimate(s).peak for x in sugs)
+    changes = [x.change for x in sugs]
+    assert ("LoRA on q_proj and v_proj only" in changes) == (targets == "all-linear")
+    assert any(c.startswith("enable gradient checkpointing") for c in changes) and "LoRA rank 2" in changes
+
+
 def test_cli_json_schema(tmp_path, tiny_model_dir, dates_file, capsys):
     path = write_config(tmp_path, tiny_model_dir, dates_file)
     assert main(["plan", str(path), "--budget", "2GB", "--json"]) == 0
