@@ -182,6 +182,21 @@ def test_cli_table_and_model_config_file(tmp_path, tiny_model_dir, dates_file, c
     assert "total peak" in out and "verdict: fits" in out and "budget (--gpu t4) 15.00 GiB" in out
 
 
+def test_an_unreadable_config_json_names_where_it_came_from(tmp_path, tiny_model_dir, dates_file, capsys):
+    """The error named --model-config even when the file came from model.path and no --model-config was given."""
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "broken-model")
+    (model / "config.json").write_text("{not json")
+    path = write_config(tmp_path, model, dates_file)
+    assert main(["plan", str(path), "--gpu", "t4"]) == 2
+    err = capsys.readouterr().err
+    assert "model.path: cannot read" in err and "give a readable one with --model-config FILE" in err
+    assert main(["plan", str(path), "--gpu", "t4", "--model-config", str(model / "config.json")]) == 2
+    assert "--model-config: cannot read" in capsys.readouterr().err
+    assert main(["plan", str(path), "--gpu", "t4", "--model-config", str(tiny_model_dir / "config.json")]) == 0
+
+
 def test_plan_does_not_import_torch(tmp_path, tiny_model_dir, dates_file):
     path = write_config(tmp_path, tiny_model_dir, dates_file)
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "qtrain", "plan", str(path), "--budget", "8GB"],
