@@ -323,7 +323,8 @@ def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type:
             f"{fmt_bytes(without)}, {'within' if without <= limit else 'over'} {limit_text})")
     peak = estimate(setup_from_config(cfg, model_cfg, device)).peak
     if budget is not None and peak > budget:
+        where = " --device cpu" if device == "cpu" else ""  # plan's default is cuda: other overheads and dtype
         print(f"qtrain: warning: the planner predicts a peak of {fmt_bytes(peak)}, over training.memory_budget "
-              f"{fmt_bytes(budget)}; `qtrain plan CONFIG --budget {t.memory_budget}` lists changes that fit",
+              f"{fmt_bytes(budget)}; `qtrain plan CONFIG --budget {t.memory_budget}{where}` lists changes that fit",
               file=sys.stderr)
     return cfg

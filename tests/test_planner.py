@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,7 +16,7 @@ from torch import nn
 
 from qtrain.cli import main
 from qtrain.config import TrainingSection, load_config
-from qtrain.gpus import GPUS, parse_bytes
+from qtrain.gpus import GPUS, fmt_bytes, parse_bytes
 from qtrain.memory import estimate, quantized_linear_bytes, setup_from_config
 from qtrain.methods.blocks import PrefixTuningBlock
 from qtrain.planner import (auto_checkpointing, auto_micro_batch, check_before_loading, largest_micro_batch,
@@ -226,7 +227,17 @@ def test_auto_micro_batch_keeps_the_effective_batch(tmp_path, tiny_model_dir, da
     capsys.readouterr()
     tight = _cfg(tmp_path, tiny_model_dir, dates_file, training={"memory_budget": "1MB"})
     check_before_loading(tight, model_cfg, "cpu", say=print)
-    assert "over training.memory_budget" in capsys.readouterr().err
+    warning = capsys.readouterr().err
+    assert "over training.memory_budget" in warning
+    # The command it names plans the same run: on CPU it must say so (plan's default device is cuda, whose
+    # overheads and compute dtype differ), and it then predicts the peak the warning states.
+    command = re.search(r"`qtrain plan CONFIG (.*)`", warning).group(1).split()
+    assert command == ["--budget", "1MB", "--device", "cpu"]
+    assert main(["plan", str(tmp_path / "config.yaml"), *command, "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["peak_bytes"]
+    assert f"a peak of {fmt_bytes(planned)}," in warning
+    assert main(["plan", str(tmp_path / "config.yaml"), "--budget", "1MB", "--json"]) == 0  # without --device
+    assert json.loads(capsys.readouterr().out)["peak_bytes"] != planned
 
 
 def test_auto_checkpointing_is_off_exactly_when_the_run_fits_without_it_with_headroom(tmp_path, tiny_model_dir, dates_file, capsys):
