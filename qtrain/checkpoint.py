@@ -314,8 +314,10 @@ def resume_point(out: Path, resume: str, say: Callable[[str], None] = print) -> 
         ckpt = latest_valid(out / "checkpoints", say)
         if ckpt is None:
             if out.is_dir() and not {f.name for f in out.iterdir()} <= {"config.yaml"}:  # as prepare_output_dir
-                raise CheckpointError(f"--resume: {out} holds no valid checkpoint to resume from; pass "
-                                      "--overwrite to start the run again there, or choose a new output.dir")
+                # not "pass --overwrite": beside --resume it is refused; it replaces --resume
+                raise CheckpointError(f"--resume: {out} holds no valid checkpoint to resume from; to start the run "
+                                      "again there, run without --resume and with --overwrite (it replaces that "
+                                      "run's files), or choose a new output.dir")
             say(f"qtrain: --resume: no checkpoint in {out} yet; starting the run")
             return None
     else:

@@ -155,9 +155,19 @@ class Formatter:
         use_chat = cfg.prompt_template == "chat_template" or (
             cfg.prompt_template == "auto" and getattr(tokenizer, "chat_template", None))
         if (cfg.format == "chat" or use_chat) and not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"data.format: {cfg.format!r} with a chat template needs a tokenizer that has one; "
-                            "this model's has none. Use data.prompt_template: alpaca or data.format: text")
+            raise DataError(self._no_chat_template("this model's tokenizer has no chat template"))
         self.use_chat = bool(use_chat)
+
+    def _no_chat_template(self, why: str) -> str:
+        """The error when the chat template cannot be used, with the way out that fits the format: instruction
+        rows can take the alpaca template instead, but data.format: chat always renders through the template
+        (data.prompt_template does not apply to it)."""
+        if self.cfg.format == "chat":
+            return (f"data.format: 'chat' renders every conversation with the chat template, and {why}; use a "
+                    "model whose tokenizer has a working one, or give the rows as data.format: instruction "
+                    "(with data.prompt_template: alpaca) or data.format: text (which trains on the whole text)")
+        return (f"data.prompt_template: {self.cfg.prompt_template!r} renders instruction rows with the chat "
+                f"template, and {why}; set data.prompt_template: alpaca")
 
     @property
     def template_ends_turns(self) -> bool:
@@ -228,9 +238,9 @@ class Formatter:
             before = render(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
             upto = render(msgs[:i + 1], tokenize=False)
             if not (before.startswith(done) and upto.startswith(before)):
-                raise DataError(f"{where}: this tokenizer's chat template does not render a conversation's "
-                                "start as a prefix of the whole, so responses cannot be masked; use "
-                                "data.format: text or data.prompt_template: alpaca")
+                raise DataError(f"{where}: " + self._no_chat_template(
+                    "this tokenizer's chat template does not render a conversation's start as a prefix of the "
+                    "whole, so responses cannot be masked"))
             segs += [(before[len(done):], False), (upto[len(before):], True)]
             done = upto
         rest = render(msgs, tokenize=False)[len(done):]

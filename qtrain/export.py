@@ -7,15 +7,25 @@ loaded; each base tensor then passes through every method's `merged_tensor` in t
 
 Which base. `--base dequantized` (the default) first sends each linear weight that training saw quantized
 through the very same quantization (`quantize_linear` with the run's `QuantSpec`) and back
-(`dequantized_weight`), and every other tensor through the compute dtype: the merged model then computes what
-the trained model computed. `--base original` merges into the checkpoint's own tensors; the adapter was never
-trained against those, so the check below reports the drift instead of judging it.
+(`dequantized_weight`): the merged model then computes what the trained model computed. `--base original`
+merges into the checkpoint's own tensors; the adapter was never trained against those, so the check below
+reports the drift instead of judging it.
+
+In float32, whatever the run's compute dtype. What training stores is the same in any compute dtype (the 4/8-bit
+codes with their constants, the trained tensors); the compute dtype is the precision its arithmetic ran in,
+dequantizing included. Export dequantizes and merges in float32 and rounds once, to the export dtype, when
+writing; so a float32 export keeps everything and a bf16 run exports as a GPU run with `compute_dtype: auto`
+always did (export runs on the CPU, where `auto` is float32).
 
 Verification. After writing, the folder is loaded with plain `transformers.AutoModelForCausalLM`, and held-out
 prompts (data.eval rows, else a few fixed ones) run through it and through the trained quantized model (qtrain's
-loader + `load_adapter`). Max |Δlogit|, mean KL and greedy-token agreement go into `export_report.json`;
-beyond the tolerance of the export dtype the folder is kept but marked with `EXPORT_FAILED_CHECK.txt` and the
-command fails. Everything is written into a temporary sibling first and renamed into place at the end.
+loader + `load_adapter`). Like is compared with like: both compute in float32, the trained model loaded with
+`compute_dtype: float32` whatever it trained in. What is left is the export's own doing, the merge and the rounding
+of the merged weights to the export dtype, so the tolerance is the export dtype's. (Judging a float32 export
+against the trained model's own bf16 arithmetic would measure bf16, not the export, and refuse every good
+float32 export of a bf16 run.) Max |Δlogit|, mean KL and greedy-token agreement go into `export_report.json`;
+beyond the tolerance the folder is kept but marked with `EXPORT_FAILED_CHECK.txt` and the command fails.
+Everything is written into a temporary sibling first and renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -43,11 +53,12 @@ FIXED_PROMPTS = ["Write one sentence about the sea.", "What is 12 + 30?", "List 
 
 @dataclass(frozen=True)
 class Tolerance:
-    """What the exported model may differ from the trained one by, compared in float32.
+    """What the exported model may differ from the trained one by, both computed in float32 (module docstring).
 
     float32 weights differ only by the order of float32 additions (merged W·x vs W·x + B·A·x); 16-bit weights
     add one rounding of every weight (relative 2^-9 for bf16, 2^-12 for fp16), which moves logits by up to a few
-    tenths on real models but barely changes the distribution.
+    tenths on real models but barely changes the distribution. The run's compute dtype does not enter: it is
+    the precision of the run's arithmetic, which the check (and the export) do in float32.
     """
 
     max_abs_logit: float
@@ -106,9 +117,20 @@ def export(run_dir: str | Path, out: str | Path, dtype: str | None = None, base:
     say(f"qtrain: exported to {out}")
     if report.get("passed") is False:
         raise QTrainError(f"{out}: the export does not reproduce the trained model within tolerance "
-                          f"({_describe(report)}); the folder is kept and marked with {FAILED_MARK}. Try "
-                          "--dtype float32, or serve the adapter on the quantized base (qtrain generate)")
+                          f"({_describe(report)}); the folder is kept and marked with {FAILED_MARK}. "
+                          f"{_advice(dtype, run_dir)}")
     return report
+
+
+def _advice(dtype: str, run_dir: Path) -> str:
+    """What would help after a failed check: only a 16-bit export can gain from another dtype."""
+    generate = f"serve the adapter on the quantized base instead: {_generate_command(run_dir / 'adapter')}"
+    if dtype != "float32":
+        return (f"A float32 export rounds nothing: try --dtype float32 (if it passes, rounding to {dtype} was the "
+                f"cause and the float32 folder is the one to use; if it fails too, the merge itself is wrong), or "
+                f"{generate}")
+    return (f"A float32 export rounds nothing, so the merge itself does not reproduce the trained weights (a bug "
+            f"in qtrain's merge for one of the run's methods; please report it with {REPORT}); meanwhile {generate}")
 
 
 def _refuse_unmergeable(adapter_dir: Path) -> None:
@@ -118,8 +140,11 @@ def _refuse_unmergeable(adapter_dir: Path) -> None:
         if not m.mergeable:
             raise QTrainError(f"{adapter_dir}: method {m.name!r} cannot be merged into the base weights: "
                               f"{m.not_mergeable_reason or 'it changes the computation, not the weights'}. "
-                              f"Run it on the quantized base instead: qtrain generate --config "
-                              f"{adapter_dir.parent / 'config.yaml'} --adapter {adapter_dir} --prompt ...")
+                              f"Run it on the quantized base instead: {_generate_command(adapter_dir)}")
+
+
+def _generate_command(adapter_dir: Path) -> str:
+    return f"qtrain generate --config {adapter_dir.parent / 'config.yaml'} --adapter {adapter_dir} --prompt ..."
 
 
 def adapter_blocks(adapter_dir: Path) -> list:
@@ -148,9 +173,9 @@ def write_merged(cfg, model_path: Path, adapter_dir: Path, folder: Path, dtype: 
 
     from qtrain.adapter_io import load_adapter
     from qtrain.arch import Arch
-    from qtrain.modeling import build_skeleton, quant_spec, quantized_linear_names, resolve_compute_dtype
+    from qtrain.modeling import build_skeleton, quant_spec, quantized_linear_names
 
-    compute_dtype = resolve_compute_dtype(cfg.quantization.compute_dtype, torch.device("cpu"))
+    compute_dtype = torch.float32  # whatever the run computed in (module docstring)
     spec = quant_spec(cfg.quantization, compute_dtype)
     skeleton = build_skeleton(cfg.model, model_path, compute_dtype)
     hf_config = skeleton.config
@@ -302,7 +327,8 @@ def _verify(cfg, model_path: Path, adapter_dir: Path, folder: Path, dtype: str, 
 
     cpu = torch.device("cpu")
     keep_dense = set().union(*(b.full_precision_linears(Arch.from_path(model_path)) for b in cfg.peft))
-    loaded = load_model(cfg.model, cfg.quantization, cpu, path=model_path, skip_quantize=keep_dense)
+    in_float32 = cfg.quantization.model_copy(update={"compute_dtype": "float32"})  # like the export (docstring)
+    loaded = load_model(cfg.model, in_float32, cpu, path=model_path, skip_quantize=keep_dense)
     load_adapter(loaded.model, adapter_dir)
     prompts = check_prompts(cfg, loaded.tokenizer)
     trained = [_logits(loaded.model, ids) for ids in prompts]
@@ -314,7 +340,8 @@ def _verify(cfg, model_path: Path, adapter_dir: Path, folder: Path, dtype: str, 
     with torch.no_grad():
         merged = [exported(ids[None]).logits[0].float() for ids in prompts]
     metrics = compare_logits(trained, merged)
-    result: dict[str, Any] = {"check": metrics, "prompts": len(prompts)}
+    result: dict[str, Any] = {"check": metrics, "prompts": len(prompts), "compared_in": "float32",
+                              "run_compute_dtype": cfg.quantization.compute_dtype}
     if base == "dequantized":
         tol = TOLERANCES[dtype]
         result["tolerance"] = asdict(tol)
@@ -372,5 +399,8 @@ def _describe(report: dict[str, Any]) -> str:
         return f"qtrain: drift of the original-base merge from the trained model: {numbers}"
     t = report["tolerance"]
     verdict = "PASSED" if report["passed"] else "FAILED"
-    return (f"qtrain: equivalence check {verdict}: {numbers} (tolerance for {report['dtype']}: |Δlogit| ≤ "
-            f"{t['max_abs_logit']}, KL ≤ {t['mean_kl']}, agreement ≥ {t['min_agreement']:.0%})")
+    run = report.get("run_compute_dtype")
+    both = "both computed in float32" + ("" if run in (None, "float32") else f", not in the run's compute_dtype "
+                                         f"{run}: its rounding belongs to training, not to the export")
+    return (f"qtrain: equivalence check {verdict}: {numbers} ({both}; tolerance for a {report['dtype']} export: "
+            f"|Δlogit| ≤ {t['max_abs_logit']}, KL ≤ {t['mean_kl']}, agreement ≥ {t['min_agreement']:.0%})")

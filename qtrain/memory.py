@@ -366,7 +366,10 @@ def read_model_config(cfg: RunConfig, model_config: str | Path | None = None) ->
     try:
         return json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise QTrainError(f"--model-config: cannot read {file} ({e}); give a model's config.json") from None
+        if model_config:
+            raise QTrainError(f"--model-config: cannot read {file} ({e}); give a model's config.json") from None
+        raise QTrainError(f"model.path: cannot read {file} ({e}); repair that config.json, or give a readable "
+                          "one with --model-config FILE") from None
 
 
 def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "cuda",

@@ -166,8 +166,8 @@ def build_skeleton(section: ModelSection, path: Path, compute_dtype: torch.dtype
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=section.trust_remote_code)
     except ValueError as e:
         raise QTrainError(f"model.path: {path} has a config transformers cannot read ({e}); qtrain supports the "
-                          "causal-LM architectures of your installed transformers, or set "
-                          "model.trust_remote_code: true for a model that ships its own code") from None
+                          f"causal-LM architectures of your installed transformers{_remote_code_hint(section, path)}"
+                          ) from None
     if getattr(hf_config, "quantization_config", None):
         raise QTrainError(f"model.path: {path} is already quantized "
                           f"({hf_config.quantization_config.get('quant_method', '?')}); point it at the "
@@ -182,6 +182,19 @@ def build_skeleton(section: ModelSection, path: Path, compute_dtype: torch.dtype
             raise QTrainError(f"model.path: {path}: transformers cannot build a causal LM from this config ({e}); "
                               "use a supported architecture") from None
     return model
+
+
+def _remote_code_hint(section: ModelSection, path: Path) -> str:
+    """trust_remote_code can only help a model that ships its own code (config.json's auto_map) and does not
+    trust it yet; to any other unreadable config it is no advice at all."""
+    try:
+        ships_code = "auto_map" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        ships_code = False
+    if ships_code and not section.trust_remote_code:
+        return ("; this model ships its own code (auto_map in config.json): set model.trust_remote_code: true "
+                "if you trust it")
+    return "; use a model of one of them, or a transformers version that knows this one"
 
 
 def quantized_linear_names(model: nn.Module, quant: QuantizationSection,

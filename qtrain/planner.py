@@ -62,7 +62,9 @@ def _with_blocks(s: Setup, **update: Any) -> Setup:
 
 def suggestions(s: Setup, budget: int, accumulation: int = 1) -> list[Suggestion]:
     """Single changes that lower the peak, each with its new prediction: those that fit first, least
-    disruptive first (the order below), then the rest by peak."""
+    disruptive first (the order below), then the rest by peak. A change predicted not to lower it here is left
+    out (LoRA on q_proj and v_proj only, when it targets q_proj alone; 8-bit states of tensors bnb keeps in
+    32-bit)."""
     lora = [i for i, b in enumerate(s.blocks) if lora_like(b)]
     options: list[tuple[str, list[str], Setup]] = []
     if not s.checkpointing:
@@ -104,9 +106,11 @@ def suggestions(s: Setup, budget: int, accumulation: int = 1) -> list[Suggestion
     if t:
         options.append((f"data.max_seq_len {t} (longer examples are truncated)", [f"data.max_seq_len={t}"],
                         replace(s, seq_len=t)))
-    out = []
+    out, current = [], estimate(s).peak
     for rank, (change, overrides, new) in enumerate(options):
         peak = estimate(new).peak
+        if peak >= current:
+            continue
         out.append((peak > budget, rank if peak <= budget else peak, Suggestion(change, overrides, peak,
                                                                                   peak <= budget)))
     return [sug for *_, sug in sorted(out, key=lambda x: (x[0], x[1]))]
@@ -451,7 +455,8 @@ def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type:
                                      limit_text, say)
     peak = estimate(setup_from_config(cfg, model_cfg, device, shards=shards)).peak
     if budget is not None and peak > budget:
+        where = " --device cpu" if device == "cpu" else ""  # plan's default is cuda: other overheads and dtype
         print(f"qtrain: warning: the planner predicts a peak of {fmt_bytes(peak)}, over training.memory_budget "
-              f"{fmt_bytes(budget)}; `qtrain plan CONFIG --budget {t.memory_budget}` lists changes that fit",
+              f"{fmt_bytes(budget)}; `qtrain plan CONFIG --budget {t.memory_budget}{where}` lists changes that fit",
               file=sys.stderr)
     return cfg

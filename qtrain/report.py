@@ -89,11 +89,11 @@ def write_report(run_dir: str) -> tuple[Path, Path]:
             md.append(f"| {key.replace('_', ' ')} | {summary[key]:.4f} |")
     for name, value in summary.get("exact_match", {}).items():
         md.append(f"| exact match, {name} | {value:.1%} |")
-    lines = evaluation.get("lines") or []
-    if not lines and "base" in summary.get("forgetting", {}):
-        from qtrain.evaluate import forgetting_lines
+    # formatted here from the numbers, never copied from eval.json's `lines` (an older qtrain's wording)
+    from qtrain.evaluate import forgetting_lines
 
-        lines = forgetting_lines(summary["forgetting"]["base"], summary["forgetting"]["trained"])
+    scores = evaluation if "base" in evaluation else summary.get("forgetting", {})
+    lines = forgetting_lines(scores["base"], scores["trained"]) if "base" in scores else []
     if lines:
         md += ["", "## Forgetting report", ""] + [f"- {line}" for line in lines]
     text = run / "report.md"

@@ -164,13 +164,20 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         say(f"qtrain: data.train: {packing.line()}")
 
     arch = Arch.from_path(model_path)
-    decided = ckpt.state.get("config", {}).get("training", {}).get("gradient_checkpointing") if ckpt else None
+    saved = ckpt.state.get("config", {}).get("training", {}) if ckpt else {}  # what the interrupted run decided
+    decided = saved.get("gradient_checkpointing")
     if cfg.training.gradient_checkpointing == "auto" and isinstance(decided, bool):  # as the interrupted run did
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": decided})})
         say(f"qtrain: gradient_checkpointing auto → {'on' if decided else 'off'}, as in the checkpoint resumed")
-    chunk = ckpt.state.get("config", {}).get("training", {}).get("mlp_chunk_tokens", "auto") if ckpt else "auto"
+    chunk = saved.get("mlp_chunk_tokens", "auto")
     if cfg.training.mlp_chunk_tokens == "auto" and chunk != "auto":  # chunking reassociates the gradient sums
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"mlp_chunk_tokens": chunk})})
+    split = {k: saved.get(k) for k in ("micro_batch_size", "gradient_accumulation_steps")}
+    if cfg.training.micro_batch_size == "auto" and all(isinstance(v, int) for v in split.values()):
+        # likewise: re-deciding against today's free memory would be refused below as a changed config
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update=split)})
+        say(f"qtrain: micro_batch_size auto → {split['micro_batch_size']} (gradient accumulation "
+            f"{split['gradient_accumulation_steps']}), as in the checkpoint resumed")
     cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say, shards)
     if accelerator.num_processes > 1:  # `auto` read this process's free memory: all train as the main one decided
         cfg = _as_main_decided(cfg, accelerator)

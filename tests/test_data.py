@@ -136,3 +136,31 @@ def test_processes_shard_one_global_stream():
     sharded = [next(ranks[k % 2])["input_ids"][:, 0].tolist() for k in range(10)]
     assert sharded == stream
     assert ranks[0].state() == ranks[1].state() == one.state() == {"epoch": 2, "position": 2}
+
+
+COUNTING_TEMPLATE = ("{{ messages | length }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, COUNTING_TEMPLATE], ids=["no_template", "not_prefix_stable"])
+def test_an_unusable_chat_template_names_the_fix_that_fits_the_format(tokenizer, dates_file, tmp_path, template):
+    """data.format: chat always renders through the chat template, so the fix once advised for it
+    (data.prompt_template: alpaca) changed nothing; instruction rows can take it, and then prepare."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template  # none at all, or one whose rendering of a prefix is not a prefix
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "March 3"},
+                                             {"role": "assistant", "content": "2021-03-03"}]}) + "\n")
+    for prompt_template in ("auto", "alpaca"):  # alpaca does not apply to chat rows: the same error
+        with pytest.raises(DataError, match=r"data\.format: 'chat' renders every conversation with the chat "
+                                            r"template.*give the rows as data\.format: instruction"):
+            prepare(str(chat), DataSection(train=str(chat), format="chat", prompt_template=prompt_template), tok,
+                    "data.train")
+    instruction = "chat_template" if template is None else "auto"  # what uses the template for instruction rows
+    with pytest.raises(DataError, match=rf"data\.prompt_template: '{instruction}' renders instruction rows with the "
+                                        r"chat template.*; set data\.prompt_template: alpaca$"):
+        prepare(str(dates_file), DataSection(train=str(dates_file), prompt_template=instruction), tok, "data.train")
+    ds = prepare(str(dates_file), DataSection(train=str(dates_file), prompt_template="alpaca"), tok, "data.train")[0]
+    assert trained_text(tok, ds[0]) == "2021-03-03<|im_end|>"  # the advice works

@@ -67,7 +67,7 @@ def test_hostile_inputs_fail_with_a_named_error_and_damage_nothing(tiny_model_di
     case("remote_code_not_trusted", model=model_variant(
         tiny_model_dir, tmp_path / "remote-model",
         lambda c: c.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"})),
-         expect=r"model\.path: .*trust_remote_code")
+         expect=r"model\.path: .*ships its own code .*set model\.trust_remote_code: true if you trust it")
     (tmp_path / "remote-model" / "evil.py").write_text(f"open({str(tmp_path / 'PWNED')!r}, 'w')\n")
     case("output_dir_of_another_run", expect=r"output\.dir: .* already holds files.*--resume .*step-3.*--overwrite")
     other = tmp_path / "output_dir_of_another_run" / "run"

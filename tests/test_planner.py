@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,7 +18,7 @@ from torch import nn
 from qtrain.arch import Arch
 from qtrain.cli import main
 from qtrain.config import TrainingSection, load_config
-from qtrain.gpus import GPUS, parse_bytes
+from qtrain.gpus import GPUS, fmt_bytes, parse_bytes
 from qtrain.memory import estimate, quantized_linear_bytes, setup_from_config
 from qtrain.planner import (auto_checkpointing, auto_micro_batch, check_before_loading, largest_micro_batch,
                             longest_sequence, make_plan, render, suggestions)
@@ -191,6 +192,19 @@ def test_solver_is_consistent(tmp_path, tiny_model_dir, dates_file):
     assert m_new * acc == 128 and estimate(replace(s, micro_batch=m_new)).peak == micro.peak <= budget
 
 
+@pytest.mark.parametrize("targets", [["q_proj"], ["v_proj", "q_proj"], "all-linear"])
+def test_suggestions_only_name_changes_that_lower_the_peak(tmp_path, tiny_model_dir, dates_file, targets):
+    """'LoRA on q_proj and v_proj only' used to be offered to a LoRA on q_proj alone (+1.6 MB predicted here)
+    or on exactly those two (no change); 8-bit AdamW to this tiny model, whose tensors bnb keeps in 32-bit."""
+    cfg = _cfg(tmp_path, tiny_model_dir, dates_file, peft=[{"method": "lora", "r": 4, "target_modules": targets}])
+    s = replace(setup_from_config(cfg, _model_cfg(tiny_model_dir), device="cuda"), micro_batch=64)
+    sugs = suggestions(s, estimate(s).peak // 2)
+    assert sugs and all(x.peak < estimate(s).peak for x in sugs)
+    changes = [x.change for x in sugs]
+    assert ("LoRA on q_proj and v_proj only" in changes) == (targets == "all-linear")
+    assert any(c.startswith("enable gradient checkpointing") for c in changes) and "LoRA rank 2" in changes
+
+
 def test_cli_json_schema(tmp_path, tiny_model_dir, dates_file, capsys):
     path = write_config(tmp_path, tiny_model_dir, dates_file)
     assert main(["plan", str(path), "--budget", "2GB", "--json"]) == 0
@@ -215,6 +229,21 @@ def test_cli_table_and_model_config_file(tmp_path, tiny_model_dir, dates_file, c
     assert main(["plan", str(path), "--gpu", "t4", "--model-config", str(tiny_model_dir / "config.json")]) == 0
     out = capsys.readouterr().out
     assert "total peak" in out and "verdict: fits" in out and "budget (--gpu t4) 15.00 GiB" in out
+
+
+def test_an_unreadable_config_json_names_where_it_came_from(tmp_path, tiny_model_dir, dates_file, capsys):
+    """The error named --model-config even when the file came from model.path and no --model-config was given."""
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "broken-model")
+    (model / "config.json").write_text("{not json")
+    path = write_config(tmp_path, model, dates_file)
+    assert main(["plan", str(path), "--gpu", "t4"]) == 2
+    err = capsys.readouterr().err
+    assert "model.path: cannot read" in err and "give a readable one with --model-config FILE" in err
+    assert main(["plan", str(path), "--gpu", "t4", "--model-config", str(model / "config.json")]) == 2
+    assert "--model-config: cannot read" in capsys.readouterr().err
+    assert main(["plan", str(path), "--gpu", "t4", "--model-config", str(tiny_model_dir / "config.json")]) == 0
 
 
 def test_plan_does_not_import_torch(tmp_path, tiny_model_dir, dates_file):
@@ -246,7 +275,17 @@ def test_auto_micro_batch_keeps_the_effective_batch(tmp_path, tiny_model_dir, da
     capsys.readouterr()
     tight = _cfg(tmp_path, tiny_model_dir, dates_file, training={"memory_budget": "1MB"})
     check_before_loading(tight, model_cfg, "cpu", say=print)
-    assert "over training.memory_budget" in capsys.readouterr().err
+    warning = capsys.readouterr().err
+    assert "over training.memory_budget" in warning
+    # The command it names plans the same run: on CPU it must say so (plan's default device is cuda, whose
+    # overheads and compute dtype differ), and it then predicts the peak the warning states.
+    command = re.search(r"`qtrain plan CONFIG (.*)`", warning).group(1).split()
+    assert command == ["--budget", "1MB", "--device", "cpu"]
+    assert main(["plan", str(tmp_path / "config.yaml"), *command, "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["peak_bytes"]
+    assert f"a peak of {fmt_bytes(planned)}," in warning
+    assert main(["plan", str(tmp_path / "config.yaml"), "--budget", "1MB", "--json"]) == 0  # without --device
+    assert json.loads(capsys.readouterr().out)["peak_bytes"] != planned
 
 
 def test_auto_checkpointing_is_off_exactly_when_the_run_fits_without_it_with_headroom(tmp_path, tiny_model_dir, dates_file, capsys):

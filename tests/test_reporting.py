@@ -74,10 +74,17 @@ def test_scoring_runs_with_the_training_micro_batch_and_loss_chunk(tiny_model_di
 
 
 def test_forgetting_lines_show_change():
-    lines = forgetting_lines({"reference_perplexity": 10.0, "exact_match": 0.0},
-                             {"reference_perplexity": 11.0, "exact_match": 0.9})
-    assert lines[0] == "general-text perplexity (lower is better): base 10.000 → trained 11.000 (+10.0%)"
-    assert lines[1].startswith("task exact match on data.eval (higher is better): base 0.0% → trained 90.0%")
+    """Perplexity changes are relative, accuracy changes in percentage points (issue 20: "base 4.0% → trained
+    95.0% (+2275.0%)", and "(n/a)" from a base of 0)."""
+    lines = forgetting_lines({"reference_perplexity": 10.0, "eval_perplexity": 8.0, "exact_match": 0.04},
+                             {"reference_perplexity": 11.0, "eval_perplexity": 2.0, "exact_match": 0.95})
+    assert lines == ["general-text perplexity (lower is better): base 10.000 → trained 11.000 (+10.0%)",
+                     "task perplexity on data.eval (lower is better): base 8.000 → trained 2.000 (-75.0%)",
+                     "task exact match on data.eval (higher is better): base 4.0% → trained 95.0% (+91.0 pp)"]
+    assert forgetting_lines({"exact_match": 0.0}, {"exact_match": 0.94}) == [
+        "task exact match on data.eval (higher is better): base 0.0% → trained 94.0% (+94.0 pp)"]
+    assert forgetting_lines({"exact_match": 0.5}, {"exact_match": 0.375}) == [
+        "task exact match on data.eval (higher is better): base 50.0% → trained 37.5% (-12.5 pp)"]
 
 
 def test_run_eval_and_report(tiny_model_dir, dates_file, tmp_path):
@@ -103,6 +110,17 @@ def test_run_eval_and_report(tiny_model_dir, dates_file, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     text = md.read_text()
     assert "| steps | 6 |" in text and "## Forgetting report" in text
+    assert all(f"- {line}\n" in text for line in report["lines"])
+
+    # report.md formats eval.json's numbers itself: lines an older qtrain wrote there (relative accuracy
+    # changes) do not reach it
+    stale = json.loads((tmp_path / "run" / "eval.json").read_text())
+    stale["base"]["exact_match"], stale["trained"]["exact_match"] = 0.04, 0.95
+    stale["lines"].append("task exact match on data.eval (higher is better): base 4.0% → trained 95.0% (+2275.0%)")
+    (tmp_path / "run" / "eval.json").write_text(json.dumps(stale))
+    text = write_report(cfg.output.dir)[1].read_text()
+    assert "+2275.0%" not in text
+    assert "- task exact match on data.eval (higher is better): base 4.0% → trained 95.0% (+91.0 pp)\n" in text
 
 
 def test_eval_every_logs_eval_records_and_tensorboard(tiny_model_dir, dates_file, tmp_path):

@@ -233,6 +233,36 @@ def test_resume_keeps_the_checkpointing_that_auto_decided(tiny_model_dir, dates_
     assert "gradient_checkpointing auto → off, as in the checkpoint resumed" in stdout and "resuming from" in stdout
 
 
+def test_resume_keeps_the_micro_batch_that_auto_decided(tiny_model_dir, dates_file, tmp_path, capsys):
+    """`micro_batch_size: auto` re-decided against another budget on resume was refused as "a different config"
+    (micro_batch_size 4 → 1, accumulation 1 → 4) with the advice to resume with the original values, which
+    the user's config (auto) already had. The run takes the checkpoint's micro-batch, as for checkpointing."""
+    config = write_config(tmp_path, tiny_model_dir, dates_file, training={
+        "max_steps": 2, "micro_batch_size": "auto", "effective_batch_size": 4, "memory_budget": "64GB"})
+    code, stdout, _ = cli(capsys, config)
+    assert code == 0 and "micro_batch_size auto → 4 (gradient accumulation 1" in stdout
+    code, stdout, err = cli(capsys, config, "--set=training.memory_budget=1MB", "--resume")
+    assert code == 0, err  # without the checkpoint's split: "training.micro_batch_size: 4 → 1"
+    assert "micro_batch_size auto → 4 (gradient accumulation 1), as in the checkpoint resumed" in stdout
+    assert "resuming from" in stdout and "step 2 of 2" in stdout
+
+
+def test_resume_without_a_checkpoint_advises_what_is_accepted(tiny_model_dir, dates_file, tmp_path):
+    """A run folder with no valid checkpoint: the advice once was "pass --overwrite", which beside --resume is
+    refused; it now says to drop --resume, and that command then runs."""
+    from qtrain.run import run
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file, training={"max_steps": 1}))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a run that wrote no checkpoint
+    with pytest.raises(ck.CheckpointError, match="no valid checkpoint.*run without --resume and with --overwrite"):
+        run(cfg, resume="latest")
+    with pytest.raises(Exception, match="pass one of them"):  # what the old advice led to
+        run(cfg, resume="latest", overwrite=True)
+    assert run(cfg, overwrite=True)["steps"] == 1
+
+
 def test_an_output_folder_is_never_destroyed_without_overwrite(tiny_model_dir, dates_file, tmp_path):
     from qtrain.run import run
 
