@@ -55,6 +55,7 @@ def resolve_model_path(section: ModelSection) -> Path:
         if not (local / "config.json").is_file():
             raise QTrainError(f"model.path: {section.path!r} has no config.json; point it at a Hugging Face model "
                               "folder (config.json, tokenizer files, *.safetensors)")
+        _check_config_json(local)
         return local
     if re.fullmatch(r"[\w.-]+/[\w.-]+", section.path):
         return _download(section)
@@ -182,6 +183,23 @@ def build_skeleton(section: ModelSection, path: Path, compute_dtype: torch.dtype
             raise QTrainError(f"model.path: {path}: transformers cannot build a causal LM from this config ({e}); "
                               "use a supported architecture") from None
     return model
+
+
+def _check_config_json(path: Path) -> None:
+    """A local model's config.json is read first by the tokenizer, whose loader reports one that is not JSON as an
+    OSError traceback naming no key; say which key, which file, where in it, and the fix."""
+    file = path / "config.json"
+    if not file.is_file():
+        return
+    try:
+        json.loads(file.read_text())
+    except UnicodeDecodeError as e:
+        raise QTrainError(f"model.path: {file} is not UTF-8 text ({e.reason} at byte {e.start}); point model.path "
+                          "at a Hugging Face model folder whose config.json is the one its authors wrote") from None
+    except json.JSONDecodeError as e:
+        raise QTrainError(f"model.path: {file} is not valid JSON ({e.msg}: line {e.lineno}, column {e.colno}); "
+                          "fix or restore that file (a truncated download is the usual cause), or point "
+                          "model.path at another model folder") from None
 
 
 def _remote_code_hint(section: ModelSection, path: Path) -> str:
