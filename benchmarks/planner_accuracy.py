@@ -36,7 +36,9 @@ MODELS = {  # name → LlamaConfig fields; "medium" has GQA 4:1, both a realisti
 }
 LORA = {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 QV = ["q_proj", "v_proj"]
-# (model, bits, checkpointing, LoRA overrides, micro-batch, seq len, optimizer, attention, compute dtype)
+# (model, bits, checkpointing, LoRA overrides, micro-batch, seq len, optimizer, attention, compute dtype[, training
+# switches]); the switches (fused_ops, mlp_chunk_tokens) are applied as `qtrain run` applies them
+FUSED = {"fused_ops": True}
 GRID = [
     ("small", 4, False, {}, 2, 256, "adamw", "sdpa", "auto"),
     ("small", 4, True, {}, 4, 256, "adamw", "sdpa", "auto"),
@@ -55,6 +57,14 @@ GRID = [
     ("medium", 4, True, {"r": 64, "target_modules": QV}, 2, 192, "adamw", "sdpa", "bfloat16"),
     ("medium", 8, True, {"target_modules": QV}, 4, 256, "adamw", "sdpa", "auto"),
     ("medium", 4, True, {"target_modules": QV}, 4, 256, "adamw", "sdpa", "auto"),
+    # fused RMSNorm and silu·up (training.fused_ops) in 16-bit compute, and with the tiled MLP at longer sequences
+    ("medium", 4, False, {}, 2, 512, "adamw", "sdpa", "bfloat16", FUSED),
+    ("medium", 4, True, {}, 2, 512, "adamw", "sdpa", "bfloat16", FUSED),
+    ("medium", 4, True, {}, 1, 4096, "adamw", "sdpa", "bfloat16", {}),
+    ("medium", 4, True, {}, 1, 4096, "adamw", "sdpa", "bfloat16", FUSED),
+    ("medium", 4, True, {}, 1, 4096, "adamw", "sdpa", "bfloat16", {"mlp_chunk_tokens": 512}),
+    ("medium", 4, True, {}, 1, 4096, "adamw", "sdpa", "bfloat16", {**FUSED, "mlp_chunk_tokens": 512}),
+    ("small", 4, False, {"target_modules": QV}, 4, 256, "adamw", "sdpa", "auto", FUSED),
 ]
 
 
@@ -81,12 +91,14 @@ def model_folder(name: str) -> Path:
 def config_for(point: tuple, model_dir: Path):
     from qtrain.config import validate_config
 
-    _, bits, ckpt, lora, mb, seq, optimizer, attn, dtype = point
+    _, bits, ckpt, lora, mb, seq, optimizer, attn, dtype, *switches = point
     return validate_config({
         "model": {"path": str(model_dir), "attn_implementation": attn},
         "quantization": {"bits": bits, "compute_dtype": dtype}, "peft": [{**LORA, **lora}],
         "data": {"train": "unused.jsonl", "max_seq_len": seq},
-        "training": {"micro_batch_size": mb, "gradient_checkpointing": ckpt, "optimizer": optimizer},
+        "training": {"micro_batch_size": mb, "gradient_checkpointing": ckpt, "optimizer": optimizer,
+                     "fused_ops": False, "mlp_chunk_tokens": None, "activation_offload": False,
+                     **(switches[0] if switches else {})},
     })
 
 
@@ -159,8 +171,9 @@ def measure(index: int) -> dict:
     from accelerate import Accelerator
 
     from qtrain.methods import build_methods
-    from qtrain.modeling import enable_checkpointing, load_model, resolve_compute_dtype
+    from qtrain.modeling import load_model, resolve_compute_dtype
     from qtrain.planner import estimate, read_model_config, setup_from_config
+    from qtrain.run import apply_switches
     from qtrain.train import accumulate_gradients, make_optimizer
 
     warnings.filterwarnings("ignore")
@@ -178,8 +191,7 @@ def measure(index: int) -> dict:
     params: dict = {}
     for method in build_methods(cfg.peft):
         params.update(method.attach(model))
-    if cfg.training.gradient_checkpointing:
-        enable_checkpointing(model)
+    apply_switches(model, cfg, accelerator.device)
     model.train()
     optimizer = make_optimizer([{"params": list(params.values()), "lr": 1e-4}], cfg.training)
     mb, seq, vocab = cfg.training.micro_batch_size, cfg.data.max_seq_len, model.config.vocab_size
@@ -212,11 +224,13 @@ def measure(index: int) -> dict:
 
 
 def describe(point: tuple) -> str:
-    name, bits, ckpt, lora, mb, seq, optimizer, attn, dtype = point
+    name, bits, ckpt, lora, mb, seq, optimizer, attn, dtype, *switches = point
     targets = lora.get("target_modules", "all-linear")
     targets = targets if isinstance(targets, str) else ",".join(t.split("_")[0] for t in targets)
+    shown = {"fused_ops": "fused", "mlp_chunk_tokens": "tiled MLP"}
+    extra = ", ".join(f"{shown[k]} {v}" if v is not True else shown[k] for k, v in (switches or [{}])[0].items())
     return (f"{name:6} | {str(bits):4} | {'on ' if ckpt else 'off'} | {lora.get('r', LORA['r']):3} | {targets:10} | "
-            f"{mb:2} | {seq:4} | {optimizer:16} | {attn:5} | {dtype.replace('auto', 'fp32')}")
+            f"{mb:2} | {seq:4} | {optimizer:16} | {attn:5} | {dtype.replace('auto', 'fp32')} | {extra or '-'}")
 
 
 # LLaMA-1 shapes (Touvron et al. 2023, Table 2), the models of the QLoRA paper's memory claims
@@ -264,9 +278,9 @@ def main() -> None:
     for name in MODELS:  # build the folders once, outside the timed points
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
                         f"import planner_accuracy as b; b.model_folder({name!r})"], check=True)
-    print("| # | model | bits | ckpt | r | targets | mb | seq | optimizer | attn | dtype | predicted MiB | "
+    print("| # | model | bits | ckpt | r | targets | mb | seq | optimizer | attn | dtype | switches | predicted MiB | "
           "measured MiB | error | RSS MiB | predicted total MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for i in (args.only if args.only else range(len(GRID))):
         proc = subprocess.run([sys.executable, __file__, "--point", str(i)], capture_output=True, text=True)

@@ -139,6 +139,12 @@ class TrainingSection(Section):
     """Run each block's MLP (forward, recompute, backward) over this many tokens at a time, so its working set
     is a chunk, not the sequence (the same gradients up to float reassociation). null: never; `auto`: 4096 when
     the planner predicts the run does not fit without it, else off."""
+    fused_ops: bool | Literal["auto"] = "auto"
+    """RMSNorm and the MLP's silu(gate)·up through qtrain's fused functions (`qtrain.fused`): they keep only
+    their 16-bit inputs for backward (the norms' fp32 copies and silu's output are rebuilt), with one Triton
+    kernel each way on a CUDA GPU when Triton is installed. Same gradients: bit for bit without Triton in
+    16-bit compute, to float rounding otherwise. `auto`: on on a CUDA GPU; on CPU, on only when the planner
+    predicts the run does not fit without it."""
     seed: int = 42
     log_every: PositiveInt = 1
     eval_every: PositiveInt | None = None

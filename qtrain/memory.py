@@ -70,6 +70,7 @@ class Setup:
     offload: bool = False  # training.activation_offload: checkpointed layer inputs in host memory
     mlp_chunk: int | None = None  # training.mlp_chunk_tokens: the tiled MLP's chunk
     host_embeddings: bool = False  # model.embeddings_on_host (untied models only)
+    fused: bool = False  # training.fused_ops: norms and silu·up keep only their 16-bit inputs (qtrain.fused)
     shards: int = 1  # devices the parameters and optimizer states are sharded over (FSDP2, `qtrain.sharding`)
 
     @property
@@ -172,7 +173,9 @@ def _layer_saved_per_token(s: Setup, layer: int) -> tuple[float, float]:
     q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
     # a mask makes transformers repeat k/v to all heads
     kv_saved = q if a.kv_heads < a.heads and (s.masked or s.attention == "eager") else kv
-    total = 2 * a.hidden * 4  # both RMSNorms keep their input upcast to fp32
+    # both RMSNorms keep their input upcast to fp32; fused, their input as it is (the first one's is the layer
+    # input, which a checkpointed layer keeps anyway: `estimate` takes it off the recomputed layer)
+    total = 2 * a.hidden * (e if s.fused else 4)
     total += (q + 2 * kv_saved * s.keys / s.tokens) * e  # rotated q, and k and v with any prefix in front
     if s.attention == "sdpa":
         total += q * e + a.heads * 4  # its own output and the fp32 log-sum-exp per head
@@ -182,7 +185,7 @@ def _layer_saved_per_token(s: Setup, layer: int) -> tuple[float, float]:
         total += s.keys * e if s.keys > s.tokens else 0
     else:  # eager: softmax output (fp32) and the copy in the compute dtype that multiplies v
         total += a.heads * s.keys * (4 + (e if e != 4 else 0))
-    mlp = 3 * a.intermediate * e  # gate, silu(gate), up
+    mlp = (2 if s.fused else 3) * a.intermediate * e  # gate, silu(gate), up; fused: silu(gate) is rebuilt
     total += mlp
     size = {"attn_in": a.hidden, "o_in": q, "mlp_in": a.hidden, "down_in": a.intermediate}
     sizes, targets = _layout(s)
@@ -216,17 +219,36 @@ def _fused_lora(block: Any) -> bool:
     return getattr(block, "method", None) == "lora" and not getattr(block, "dora", False)
 
 
-def _layer_transient_per_token(s: Setup) -> tuple[float, float]:
-    """Bytes per token alive beside the saved activations while one layer runs backward. The MLP's and
-    attention's gradients reuse what the layer's freed activations held; what stays is about four hidden-sized
-    fp32 gradients of the residual stream and the norms (measured: 3.3-4.3 hidden x 4 bytes per token). Where
-    no LoRA keeps the MLP's down-projection input, nothing intermediate-sized is freed before the gradient of
-    silu(gate)·up is made beside its saved factors: one more (tokens x intermediate) tensor (measured: -3.8 %
-    without it at LoRA q,v with checkpointing). Returned as (hidden-sized part, intermediate-sized part)."""
+def _layer_transients_per_token(s: Setup) -> tuple[float, float, float]:
+    """Bytes per token alive beside a layer's saved activations at the two peaks of its backward, and the part
+    of the first that a tiled MLP's chunks also make (per chunk token), measured with a live-tensor count
+    (benchmarks/planner_accuracy.py):
+
+    - the MLP's backward: the gradient of the down projection's input, then those of silu(gate) and up (fused:
+      of gate and up) while silu(gate)·up's saved factors are still alive: two (tokens × intermediate) tensors,
+      beside the incoming residual gradient. Where no LoRA keeps the down projection's input, nothing
+      intermediate-sized was freed before them: one more (measured: -3.8 % without it at LoRA q,v with
+      checkpointing).
+    - a norm's backward, after the MLP's tensors are freed: transformers' RMSNorm makes ~five (tokens × hidden)
+      fp32 gradients and temporaries beside the incoming 16-bit one; the fused norm, the 16-bit input gradient
+      it writes beside the incoming one (its fp32 temporaries are one chunk's: `norm_chunk_bytes`).
+    Returned as (MLP backward, norm backward, the MLP's extra intermediate-sized part)."""
+    a, e = s.arch, s.compute_bytes
     down = "model.layers.{}." + GROUPS["down_in"][0]
-    kept = any(b.keeps_linear_inputs if chosen is None else any(down.format(i) in chosen for i in range(s.arch.layers))
+    kept = any(b.keeps_linear_inputs if chosen is None else any(down.format(i) in chosen for i in range(a.layers))
                for b, chosen in zip(s.blocks, _layout(s)[1]))
-    return 4 * s.arch.hidden * 4, (0 if kept else s.arch.intermediate * s.compute_bytes)
+    inter_t = 0 if kept else a.intermediate * e
+    mlp = 2 * a.intermediate * e + inter_t + a.hidden * e
+    norm = 2 * a.hidden * e if s.fused else 5 * a.hidden * 4 + a.hidden * e
+    return mlp, norm, inter_t
+
+
+FUSED_CHUNK_ELEMENTS = 1 << 20  # the fused norm's chunk on its plain path (qtrain.fused): 4 MiB per fp32 temporary
+
+
+def norm_chunk_bytes(s: Setup, n_tok: int) -> int:
+    """The fused norm's fp32 temporaries while it differentiates one chunk of rows (about seven of them)."""
+    return 7 * 4 * min(FUSED_CHUNK_ELEMENTS, n_tok * s.arch.hidden) if s.fused else 0
 
 
 def estimate(s: Setup) -> Estimate:
@@ -270,32 +292,43 @@ def estimate(s: Setup) -> Estimate:
     shared = 2 * s.micro_batch * s.tokens * a.head_dim * e + mask  # rotary cos/sin, attention mask
     if e != 4:  # the prefix cast from its fp32 parameters to the compute dtype, per layer
         shared += a.layers * 2 * a.kv_heads * a.head_dim * (s.keys - s.tokens) * e
-    shared += n_tok * a.hidden * 4 + targets * a.hidden * e  # final norm's fp32 input; the gathered targets
+    # alive from the loss to the final norm's backward, freed before any layer's: the final norm's fp32 input
+    # (fused: its input as it is) and the gathered targets' gradient the loss made in forward
+    loss_saved = n_tok * a.hidden * (e if s.fused else 4) + targets * a.hidden * e
     parts = [_layer_saved_per_token(s, i) for i in range(a.layers)]
     per_layer = [total * n_tok for total, _ in parts]
     layer_ckpt = n_tok * a.hidden * e  # checkpointing keeps each layer's input
-    hidden_t, inter_t = _layer_transient_per_token(s)
+    mlp_t, norm_t, inter_t = _layer_transients_per_token(s)
+    mlp_inside = max(mlp for _, mlp in parts)  # per token: what the MLP keeps (its insides, its LoRAs' inputs)
     tiled = s.mlp_chunk is not None and n_tok > s.mlp_chunk  # shorter runs take the plain MLP (qtrain.tiling)
     if tiled:  # a layer keeps its MLP's input instead of the MLP's insides; those exist for one chunk at a time
         kept = [(total - mlp + a.hidden * e) * n_tok for total, mlp in parts]
-        chunk_ws = (max(mlp for _, mlp in parts) + inter_t + 2 * a.intermediate * e) * s.mlp_chunk
+        # one chunk's insides and gradients, beside the incoming gradient and the chunked input gradient
+        mlp_moment = (mlp_inside + inter_t + 2 * a.intermediate * e) * s.mlp_chunk + 2 * a.hidden * e * n_tok
+        mlp_freed = a.hidden * e * n_tok  # the MLP input the tiled MLP kept
     else:
-        kept, chunk_ws = per_layer, inter_t * n_tok
+        kept = per_layer
+        mlp_moment, mlp_freed = mlp_t * n_tok, mlp_inside * n_tok
+    norm_moment = norm_t * n_tok + norm_chunk_bytes(s, n_tok) - mlp_freed
     layer = max(kept)
+    if s.fused and s.checkpointing:  # the recomputed layer's first norm keeps the layer input the checkpoint holds
+        layer -= n_tok * a.hidden * e
     offloaded = a.layers * layer_ckpt if s.checkpointing and s.offload else 0
     # offloaded: on the device only the input being recomputed and the next one, prefetched
     ckpt_inputs = min(2, a.layers) * layer_ckpt if offloaded else a.layers * layer_ckpt
     saved = shared + (ckpt_inputs if s.checkpointing else sum(kept))
     recompute = layer if s.checkpointing else 0  # the one layer re-run during its backward
-    layer_ws = recompute + hidden_t * n_tok + chunk_ws
+    layer_ws = recompute + max(mlp_moment, norm_moment)  # the layer's backward peaks at its MLP or at a norm
     # the dense weight of one quantized linear, in the compute dtype: a new tensor per matmul on CUDA (recycled by
     # the caching allocator), one buffer reused all run on CPU (quantization.matmul_weight), alive at every phase
     scratch = big * e if s.bits else 0
     kept_scratch = scratch if s.device == "cpu" else 0
     held = max(mlp_dense.values(), default=0) if tiled else 0  # beside the CPU buffer, which stays
     # one loss chunk (numerics.HeadCrossEntropy): fp32 logits turned into their gradient in place, plus its
-    # 16-bit copy for the matmul under 16-bit compute; the targets' hidden states and their gradient
-    loss_ws = chunk * a.vocab * (4 + (e if e < 4 else 0)) + n_tok * a.hidden * e + targets * a.hidden * e
+    # 16-bit copy for the matmul under 16-bit compute; the final hidden states, the targets' rows of them, and
+    # what stays until the final norm's backward
+    loss_ws = chunk * a.vocab * (4 + (e if e < 4 else 0)) + n_tok * a.hidden * e + targets * a.hidden * e \
+        + loss_saved
     overhead = CUDA_CONTEXT if s.device == "cuda" else CPU_RUNTIME
 
     comp = {"quantized_weights": quant, "other_weights": other, "trainable_params": trainable,
@@ -375,7 +408,8 @@ def read_model_config(cfg: RunConfig, model_config: str | Path | None = None) ->
 def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "cuda",
                       micro_batch: int | None = None, shards: int = 1) -> Setup:
     """The planner's view of a run. `device` decides `compute_dtype: auto` (bf16/fp16 on GPU, fp32 on CPU);
-    `gradient_checkpointing: auto` counts as on until `qtrain.planner.auto_checkpointing` decides it; the
+    `gradient_checkpointing: auto` counts as on until `qtrain.planner.auto_checkpointing` decides it;
+    `fused_ops: auto` as on for a GPU (where it always is) and off for a CPU; the
     `auto` of `activation_offload`, `mlp_chunk_tokens` and `embeddings_on_host` as off until
     `qtrain.planner.auto_memory_savers` decides them; `shards`: the devices an FSDP run shards over (1: every
     device holds everything)."""
@@ -389,5 +423,6 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
         seq_len=cfg.data.max_seq_len, checkpointing=t.gradient_checkpointing is not False, optimizer=t.optimizer,
         attention=cfg.model.attn_implementation, loss_chunk=t.loss_chunk_size, device=device, shards=shards,
         offload=t.activation_offload is True, host_embeddings=cfg.model.embeddings_on_host is True,
+        fused=t.fused_ops is True or (t.fused_ops == "auto" and device == "cuda"),  # as auto_memory_savers decides
         mlp_chunk=t.mlp_chunk_tokens if isinstance(t.mlp_chunk_tokens, int) else None,
     )

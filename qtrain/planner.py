@@ -86,6 +86,9 @@ def suggestions(s: Setup, budget: int, accumulation: int = 1) -> list[Suggestion
                         f"training.gradient_accumulation_steps={effective // m}"], replace(s, micro_batch=m)))
     if s.bits != 4:
         options.append(("store the base in 4-bit NF4", ["quantization.bits=4"], replace(s, bits=4)))
+    if not s.fused:
+        options.append(("fused RMSNorm and silu·up (keep 16-bit inputs, rebuild the rest in backward; same "
+                        "gradients)", ["training.fused_ops=true"], replace(s, fused=True)))
     if s.mlp_chunk is None and s.micro_batch * s.tokens > AUTO_MLP_CHUNK:
         options.append((f"tiled MLP ({AUTO_MLP_CHUNK}-token chunks in forward and backward; same gradients)",
                         [f"training.mlp_chunk_tokens={AUTO_MLP_CHUNK}"], replace(s, mlp_chunk=AUTO_MLP_CHUNK)))
@@ -128,7 +131,7 @@ class Plan:
     accumulation: int
     max_micro_batch: int | None = None
     max_seq_len: int | None = None
-    max_seq_len_without_savers: int | None = None  # host embeddings, tiled MLP, offload all off
+    max_seq_len_without_savers: int | None = None  # fused ops, host embeddings, tiled MLP, offload all off
     max_seq_len_with_savers: int | None = None  # all of them on (where they apply)
     suggestions: list[Suggestion] = field(default_factory=list)
     faster: Suggestion | None = None  # a change that speeds the run up and still fits the budget
@@ -160,7 +163,7 @@ class Plan:
             "max_seq_len_without_savers": self.max_seq_len_without_savers,
             "max_seq_len_with_savers": self.max_seq_len_with_savers, "host_bytes": self.estimate.details["host_bytes"],
             "memory_savers": {"embeddings_on_host": s.host_embeddings, "mlp_chunk_tokens": s.mlp_chunk,
-                              "activation_offload": s.offload},
+                              "activation_offload": s.offload, "fused_ops": s.fused},
             "suggestions": [asdict(x) for x in self.suggestions],
             "faster": None if self.faster is None else asdict(self.faster),
         }
@@ -246,7 +249,7 @@ def autos(cfg: RunConfig) -> set[str]:
     """Which of the memory savers the config leaves to `auto`."""
     t = cfg.training
     return {name for name, value in (("embeddings_on_host", cfg.model.embeddings_on_host),
-                                     ("mlp_chunk_tokens", t.mlp_chunk_tokens),
+                                     ("fused_ops", t.fused_ops), ("mlp_chunk_tokens", t.mlp_chunk_tokens),
                                      ("activation_offload", t.activation_offload)) if value == "auto"}
 
 
@@ -259,12 +262,15 @@ def _can_host_embeddings(s: Setup) -> bool:
 
 
 def auto_memory_savers(s: Setup, budget: int, auto: set[str]) -> Setup:
-    """Resolve the `auto` among `embeddings_on_host`, `mlp_chunk_tokens` and `activation_offload`: each is
-    turned on, in that order (cheapest first), only while the run does not fit `budget`, except a large
-    embedding table (HOST_EMBEDDINGS_MIN), which goes to the host on a GPU anyway: it costs one gather of the
-    batch's rows. A tiled MLP that offload made unnecessary is turned off again. On CPU the host is the device:
-    neither host option applies, and the tiled MLP is the one saver left."""
+    """Resolve the `auto` among `fused_ops`, `embeddings_on_host`, `mlp_chunk_tokens` and `activation_offload`:
+    each is turned on, in that order (cheapest first), only while the run does not fit `budget`, except fused
+    ops on a GPU (fewer kernels as well as less memory: always on) and a large embedding table
+    (HOST_EMBEDDINGS_MIN), which goes to the host on a GPU anyway: it costs one gather of the batch's rows. A
+    tiled MLP that offload made unnecessary is turned off again. On CPU the host is the device: neither host
+    option applies; fused ops (which cost a recompute there) and the tiled MLP are the savers left."""
     fits = lambda x: estimate(x).peak <= budget  # noqa: E731
+    if "fused_ops" in auto and (s.device == "cuda" or not fits(s)):
+        s = replace(s, fused=True)
     if "embeddings_on_host" in auto and _can_host_embeddings(s) and (
             s.arch.vocab * s.arch.hidden * s.compute_bytes >= HOST_EMBEDDINGS_MIN or not fits(s)):
         s = replace(s, host_embeddings=True)
@@ -279,11 +285,11 @@ def auto_memory_savers(s: Setup, budget: int, auto: set[str]) -> Setup:
 
 
 def without_savers(s: Setup) -> Setup:
-    return replace(s, host_embeddings=False, mlp_chunk=None, offload=False)
+    return replace(s, host_embeddings=False, mlp_chunk=None, offload=False, fused=False)
 
 
 def with_savers(s: Setup) -> Setup:
-    return replace(s, host_embeddings=s.host_embeddings or _can_host_embeddings(s),
+    return replace(s, host_embeddings=s.host_embeddings or _can_host_embeddings(s), fused=True,
                    mlp_chunk=s.mlp_chunk or AUTO_MLP_CHUNK, offload=s.checkpointing and s.device == "cuda")
 
 
@@ -333,6 +339,8 @@ def render(plan: Plan) -> str:
     if s.attention == "eager":
         lines.append("  eager attention keeps the (heads × tokens × tokens) softmax per layer; sdpa does not")
     savers = [f"input embeddings on the host ({fmt_bytes(d['host_embeddings'])})"] if s.host_embeddings else []
+    if s.fused:
+        savers.append("fused RMSNorm and silu·up")
     if s.mlp_chunk is not None:
         savers.append(f"tiled MLP ({s.mlp_chunk}-token chunks)")
     if d["host_offloaded_activations"]:
@@ -351,7 +359,7 @@ def render(plan: Plan) -> str:
               f"  what fits: micro-batch up to {plan.max_micro_batch} at {s.seq_len} tokens; sequences up to "
               f"{plan.max_seq_len} tokens at micro-batch {s.micro_batch}",
               f"  longest sequence: {plan.max_seq_len_without_savers} tokens without the memory savers, "
-              f"{plan.max_seq_len_with_savers} with all that apply (host embeddings, tiled MLP, offload)"]
+              f"{plan.max_seq_len_with_savers} with all that apply (fused ops, host embeddings, tiled MLP, offload)"]
     if plan.suggestions:
         lines.append("  changes, ranked (new predicted peak):")
         for sug in plan.suggestions:
@@ -412,7 +420,7 @@ def _resolve_memory_savers(cfg: RunConfig, s: Setup, limit: int, auto: set[str],
     s = auto_memory_savers(s, limit, auto)
     t, m = cfg.training, cfg.model
     decided = {"embeddings_on_host": s.host_embeddings, "mlp_chunk_tokens": s.mlp_chunk,
-               "activation_offload": s.offload and s.checkpointing}
+               "activation_offload": s.offload and s.checkpointing, "fused_ops": s.fused}
     training = {k: v for k, v in decided.items() if k in auto and k != "embeddings_on_host"}
     cfg = cfg.model_copy(update={"training": t.model_copy(update=training), "model": m.model_copy(
         update={k: v for k, v in decided.items() if k in auto and k == "embeddings_on_host"})})

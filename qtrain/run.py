@@ -109,6 +109,29 @@ def _as_main_decided(cfg: RunConfig, accelerator) -> RunConfig:
         "gradient_checkpointing": bool(checkpointing)})})
 
 
+def apply_switches(model: torch.nn.Module, cfg: RunConfig, device: torch.device):
+    """Turn on what `training` and `model` ask for around the loaded, adapted model, in the order they compose:
+    fused ops (the tiled MLP's chunks then run the fused MLP), checkpointing with its offload, the tiled MLP,
+    the embeddings on the host. Returns (the ActivationOffload or None, what fused_ops switched or None)."""
+    from qtrain.fused import backend_name, enable_fused_ops
+    from qtrain.modeling import enable_checkpointing
+    from qtrain.offload import ActivationOffload, put_embeddings_on_host
+    from qtrain.tiling import enable_tiled_mlp
+
+    t = cfg.training
+    fused = None
+    if t.fused_ops is True:
+        fused = {**enable_fused_ops(model), "backend": backend_name(device)}
+    offload = ActivationOffload() if t.gradient_checkpointing and t.activation_offload is True else None
+    if t.gradient_checkpointing:
+        enable_checkpointing(model, offload)
+    if isinstance(t.mlp_chunk_tokens, int):
+        enable_tiled_mlp(model, t.mlp_chunk_tokens)
+    if cfg.model.embeddings_on_host is True:
+        put_embeddings_on_host(model, device)
+    return offload, fused
+
+
 def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         allow_config_change: bool = False) -> dict[str, Any]:
     """Train as `cfg` says. `resume`: "latest" (the newest valid checkpoint in output.dir) or a checkpoint or
@@ -123,10 +146,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     from qtrain.logs import RunLogger
     from qtrain.methods import build_methods
     from qtrain.planner import check_before_loading
-    from qtrain.modeling import (enable_checkpointing, footprint, load_model, load_tokenizer, resolve_compute_dtype,
-                                 resolve_model_path)
-    from qtrain.offload import ActivationOffload, put_embeddings_on_host
-    from qtrain.tiling import enable_tiled_mlp
+    from qtrain.modeling import footprint, load_model, load_tokenizer, resolve_compute_dtype, resolve_model_path
     from qtrain.train import mean_batch_loss, peak_memory_bytes, train
 
     t0 = time.perf_counter()
@@ -169,9 +189,9 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     if cfg.training.gradient_checkpointing == "auto" and isinstance(decided, bool):  # as the interrupted run did
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": decided})})
         say(f"qtrain: gradient_checkpointing auto → {'on' if decided else 'off'}, as in the checkpoint resumed")
-    chunk = saved.get("mlp_chunk_tokens", "auto")
-    if cfg.training.mlp_chunk_tokens == "auto" and chunk != "auto":  # chunking reassociates the gradient sums
-        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"mlp_chunk_tokens": chunk})})
+    for key in ("mlp_chunk_tokens", "fused_ops"):  # chunking reassociates gradient sums; Triton rounds its own way
+        if getattr(cfg.training, key) == "auto" and saved.get(key, "auto") != "auto":
+            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={key: saved[key]})})
     split = {k: saved.get(k) for k in ("micro_batch_size", "gradient_accumulation_steps")}
     if cfg.training.micro_batch_size == "auto" and all(isinstance(v, int) for v in split.values()):
         # likewise: re-deciding against today's free memory would be refused below as a changed config
@@ -221,13 +241,10 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     say(f"qtrain: trainable parameters: {n_trainable:,} ({100 * n_trainable / base_params:.3f}% of the base) "
         f"in {', '.join(m.name for m in methods)}")
     t = cfg.training
-    offload = ActivationOffload() if t.gradient_checkpointing and t.activation_offload is True else None
-    if t.gradient_checkpointing:
-        enable_checkpointing(model, offload)
-    if isinstance(t.mlp_chunk_tokens, int):
-        enable_tiled_mlp(model, t.mlp_chunk_tokens)
-    if cfg.model.embeddings_on_host is True:
-        put_embeddings_on_host(model, accelerator.device)
+    offload, fused = apply_switches(model, cfg, accelerator.device)
+    if fused:
+        say(f"qtrain: fused_ops on: {fused['rms_norm']} RMSNorms and {fused['swiglu']} SwiGLU MLPs "
+            f"({fused['backend']})")
     if offload or isinstance(t.mlp_chunk_tokens, int) or cfg.model.embeddings_on_host is True:
         say(f"qtrain: memory savers: activation_offload {'on' if offload else 'off'}, mlp_chunk_tokens "
             f"{t.mlp_chunk_tokens}, embeddings_on_host {'on' if cfg.model.embeddings_on_host is True else 'off'}")
@@ -290,7 +307,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         # as run, with `auto` resolved (config.yaml keeps what the user wrote)
         **{k: getattr(cfg.training, k) for k in ("micro_batch_size", "gradient_accumulation_steps",
                                                   "gradient_checkpointing", "activation_offload",
-                                                  "mlp_chunk_tokens")},
+                                                  "mlp_chunk_tokens", "fused_ops")},
+        "fused_ops_backend": fused["backend"] if fused else None,
         "embeddings_on_host": cfg.model.embeddings_on_host,
     }
     if offload is not None:

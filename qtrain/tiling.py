@@ -112,7 +112,7 @@ class _TiledForward:
 
     def __init__(self, mlp: nn.Module, chunk: int, discard_in_recompute: bool):
         self.mlp, self.chunk, self.discard = mlp, chunk, discard_in_recompute
-        self.plain = type(mlp).forward.__get__(mlp)
+        self.plain = vars(mlp).get("forward") or type(mlp).forward.__get__(mlp)  # a fused MLP's, or the class's
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         mlp = self.mlp

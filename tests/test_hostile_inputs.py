@@ -67,7 +67,8 @@ def test_hostile_inputs_fail_with_a_named_error_and_damage_nothing(tiny_model_di
     truncated = model_variant(tiny_model_dir, tmp_path / "truncated-model")
     (truncated / "config.json").write_text((truncated / "config.json").read_text()[:40])
     case("config_json_not_json", model=truncated,
-         expect=r"model\.path: .*truncated-model/config\.json is not valid JSON \(Unterminated string.*: line \d+, column \d+\); fix or restore")
+         expect=r"model\.path: .*truncated-model/config\.json is not valid JSON "
+                r"\(Unterminated string.*: line \d+, column \d+\); fix or restore")
     case("remote_code_not_trusted", model=model_variant(
         tiny_model_dir, tmp_path / "remote-model",
         lambda c: c.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"})),

@@ -239,15 +239,19 @@ def test_planner_offload_moves_the_checkpointed_inputs_to_the_host(tmp_path, dat
 
 def test_planner_tiled_mlp_shrinks_the_layer_working_set(tmp_path, dates_file):
     """The recomputed layer keeps its MLP input instead of the MLP's insides, and those exist for one chunk:
-    by hand, per token the MLP saves gate, silu, up, the down projection's input (LoRA) and the MLP input, and
-    the LoRA rank-32 intermediates of gate, up and down; the chunk adds two intermediate-sized gradients. The
-    three dense MLP weights are held through the call instead of one."""
+    by hand, per token the MLP saves gate and up (fused ops, on for a GPU: silu(gate) is rebuilt), the down
+    projection's input (LoRA) and the MLP input, and the LoRA rank-32 intermediates of gate, up and down. The
+    layer's backward peaks in its MLP: untiled, two intermediate-sized gradients beside the incoming residual
+    one; tiled, the chunk's insides and two intermediate-sized gradients, beside the incoming gradient and the
+    chunked input gradient. The three dense MLP weights are held through the call instead of one."""
     from qtrain.memory import estimate
 
     tokens, chunk, h, i, r = 32768, 4096, 4096, 14336, 32
     plain, tiled = (estimate(_setup(tmp_path, dates_file, tokens, mlp_chunk=c)) for c in (None, chunk))
-    mlp = (4 * i + h + 3 * r) * 2  # bytes per token
-    expected = (mlp - h * 2) * tokens - (mlp + 2 * i * 2) * chunk
+    assert plain.components["layer_backward"] and tiled.components["layer_backward"]  # where the peaks are
+    mlp = (3 * i + h + 3 * r) * 2  # bytes per token
+    untiled_moment, tiled_moment = (2 * i + h) * 2 * tokens, (mlp + 2 * i * 2) * chunk + 2 * h * 2 * tokens
+    expected = (mlp - h * 2) * tokens + untiled_moment - tiled_moment
     assert plain.details["layer_backward"] - tiled.details["layer_backward"] == expected
     assert tiled.details["dequant_scratch"] == 3 * h * i * 2 and plain.details["dequant_scratch"] == h * i * 2
     assert plain.peak - tiled.peak > 2.5 * GiB  # of 23.4 GiB
@@ -293,24 +297,24 @@ def test_saved_activations_with_a_tiled_mlp_match_autograd(tmp_path, dates_file,
 
 @pytest.mark.parametrize("seq,expected", [
     (2048, {"embeddings_on_host": True, "mlp_chunk_tokens": None, "activation_offload": False}),
-    (40960, {"embeddings_on_host": True, "mlp_chunk_tokens": 4096, "activation_offload": False}),
-    (49152, {"embeddings_on_host": True, "mlp_chunk_tokens": None, "activation_offload": True}),  # tiling undone
-    (65536, {"embeddings_on_host": True, "mlp_chunk_tokens": 4096, "activation_offload": True}),
+    (45056, {"embeddings_on_host": True, "mlp_chunk_tokens": 4096, "activation_offload": False}),
+    (65536, {"embeddings_on_host": True, "mlp_chunk_tokens": None, "activation_offload": True}),  # tiling undone
+    (98304, {"embeddings_on_host": True, "mlp_chunk_tokens": 4096, "activation_offload": True}),
 ])
 def test_auto_turns_the_savers_on_only_when_the_run_would_not_fit(tmp_path, dates_file, seq, expected):
-    """Llama-3-8B shapes under a 23.5 GiB budget on a GPU: the 1 GiB embedding table goes to the host always
-    (one gather per step), the tiled MLP and then offload only as the sequence stops fitting without them;
-    the run said to fit does fit; a tiled MLP that offload made unnecessary is turned off again. On a CPU
-    neither host option applies."""
+    """Llama-3-8B shapes under a 23.5 GiB budget on a GPU: fused ops are always on there, the 1 GiB embedding
+    table goes to the host always (one gather per step), the tiled MLP and then offload only as the sequence
+    stops fitting without them; the run said to fit does fit; a tiled MLP that offload made unnecessary is
+    turned off again. On a CPU neither host option applies."""
     from qtrain.memory import estimate, setup_from_config
     from qtrain.planner import auto_memory_savers, autos
 
     cfg = _plan_cfg(tmp_path, dates_file, seq)
-    assert autos(cfg) == {"embeddings_on_host", "mlp_chunk_tokens", "activation_offload"}  # the defaults
+    assert autos(cfg) == {"fused_ops", "embeddings_on_host", "mlp_chunk_tokens", "activation_offload"}  # defaults
     budget = int(23.5 * GiB)
     s = auto_memory_savers(setup_from_config(cfg, L3_8B, "cuda"), budget, autos(cfg))
-    assert {"embeddings_on_host": s.host_embeddings, "mlp_chunk_tokens": s.mlp_chunk,
-            "activation_offload": s.offload} == expected
+    assert s.fused and {"embeddings_on_host": s.host_embeddings, "mlp_chunk_tokens": s.mlp_chunk,
+                        "activation_offload": s.offload} == expected
     assert estimate(s).peak <= budget
     if s.mlp_chunk:  # each one on was needed
         assert estimate(replace(s, mlp_chunk=None)).peak > budget
@@ -324,18 +328,19 @@ def test_qtrain_plan_reports_host_memory_and_the_longest_sequences(tmp_path, dat
     from qtrain.cli import main
 
     (tmp_path / "config.json").write_text(json.dumps(L3_8B))
-    cfg = _plan_cfg(tmp_path, dates_file, 65536)
+    cfg = _plan_cfg(tmp_path, dates_file, 98304)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     assert main(["plan", str(path), "--budget", "23.5GiB", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["memory_savers"] == {"embeddings_on_host": True, "mlp_chunk_tokens": 4096, "activation_offload": True}
-    assert d["host_bytes"] == 128256 * 4096 * 2 + 32 * 65536 * 4096 * 2 and d["fits"]
+    assert d["memory_savers"] == {"embeddings_on_host": True, "mlp_chunk_tokens": 4096, "activation_offload": True,
+                                  "fused_ops": True}
+    assert d["host_bytes"] == 128256 * 4096 * 2 + 32 * 98304 * 4096 * 2 and d["fits"]
     assert d["max_seq_len_with_savers"] > 2 * d["max_seq_len_without_savers"]
-    assert d["max_seq_len_without_savers"] < 65536 <= d["max_seq_len"] == d["max_seq_len_with_savers"]
+    assert d["max_seq_len_without_savers"] < 98304 <= d["max_seq_len"] == d["max_seq_len_with_savers"]
     assert main(["plan", str(path), "--budget", "23.5GiB"]) == 0
     out = capsys.readouterr().out
-    assert "host memory the run adds: 16.98 GiB" in out and "checkpointed layer inputs offloaded (16.00 GiB)" in out
+    assert "host memory the run adds: 24.98 GiB" in out and "checkpointed layer inputs offloaded (24.00 GiB)" in out
     assert f"{d['max_seq_len_without_savers']} tokens without the memory savers" in out
 
 

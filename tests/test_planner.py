@@ -295,8 +295,8 @@ def test_auto_checkpointing_is_off_exactly_when_the_run_fits_without_it_with_hea
     assert on < off
     fits = math.ceil(off / 0.9)  # without checkpointing, with the 10 % headroom auto keeps
     for budget, expected in ((fits, False), (fits - 1, True), (on - 1, True)):
-        cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={
-            "gradient_checkpointing": "auto", "memory_budget": budget, "max_steps": 1})
+        cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={  # fused ops, a saver too, stay out of it
+            "gradient_checkpointing": "auto", "memory_budget": budget, "max_steps": 1, "fused_ops": False})
         assert cfg.training.gradient_checkpointing == "auto"
         assert auto_checkpointing(s, budget) is expected
         resolved = check_before_loading(cfg, model_cfg, "cpu", say=print)
