@@ -82,7 +82,8 @@ def plan() -> None:
     shape = model_config("l3-8b")
     base = run_config("unused", "unused", "unused", 2048, 1, 32, "all-linear", None, {})
     s = setup_from_config(validate_config(base), shape, "cuda")
-    print("| budget | longest sequence without the savers | with all three |")
+    print("| budget | longest sequence without the savers | with all of them (fused ops, host embeddings, "
+          "offload, tiled MLP in 1024-token chunks) |")
     print("|---|---|---|")
     for cap in (23.5, 7.6):
         budget = int(cap * GiB)

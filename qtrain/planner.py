@@ -242,6 +242,7 @@ def auto_checkpointing(s: Setup, budget: int) -> bool:
 # ------------------------------------------------------------------------------------------------ memory savers
 
 AUTO_MLP_CHUNK = 4096  # tokens per chunk of `mlp_chunk_tokens: auto` (a 4096 x 4096 x 14336 GEMM stays efficient)
+SMALLER_MLP_CHUNKS = (2048, 1024)  # what auto tries next where even offload leaves the run over its budget
 HOST_EMBEDDINGS_MIN = 256 * 2**20  # `embeddings_on_host: auto` moves a table at least this large even when it fits
 
 
@@ -266,8 +267,10 @@ def auto_memory_savers(s: Setup, budget: int, auto: set[str]) -> Setup:
     each is turned on, in that order (cheapest first), only while the run does not fit `budget`, except fused
     ops on a GPU (fewer kernels as well as less memory: always on) and a large embedding table
     (HOST_EMBEDDINGS_MIN), which goes to the host on a GPU anyway: it costs one gather of the batch's rows. A
-    tiled MLP that offload made unnecessary is turned off again. On CPU the host is the device: neither host
-    option applies; fused ops (which cost a recompute there) and the tiled MLP are the savers left."""
+    tiled MLP that offload made unnecessary is turned off again, and one that is not enough even with offload
+    gets smaller chunks (2048, then 1024 tokens: a chunk's insides are ~150 KiB per token on Llama-3-8B, and
+    GEMMs of 1024 tokens still run near a GPU's rate). On CPU the host is the device: neither host option
+    applies; fused ops (which cost a recompute there) and the tiled MLP are the savers left."""
     fits = lambda x: estimate(x).peak <= budget  # noqa: E731
     if "fused_ops" in auto and (s.device == "cuda" or not fits(s)):
         s = replace(s, fused=True)
@@ -281,6 +284,10 @@ def auto_memory_savers(s: Setup, budget: int, auto: set[str]) -> Setup:
         s = replace(s, offload=True)
         if tiled_by_auto and fits(replace(s, mlp_chunk=None)):
             s = replace(s, mlp_chunk=None)
+    for chunk in SMALLER_MLP_CHUNKS:
+        if not tiled_by_auto or s.mlp_chunk is None or fits(s) or s.micro_batch * s.tokens <= chunk:
+            break
+        s = replace(s, mlp_chunk=chunk)
     return s
 
 
@@ -290,7 +297,7 @@ def without_savers(s: Setup) -> Setup:
 
 def with_savers(s: Setup) -> Setup:
     return replace(s, host_embeddings=s.host_embeddings or _can_host_embeddings(s), fused=True,
-                   mlp_chunk=s.mlp_chunk or AUTO_MLP_CHUNK, offload=s.checkpointing and s.device == "cuda")
+                   mlp_chunk=s.mlp_chunk or SMALLER_MLP_CHUNKS[-1], offload=s.checkpointing and s.device == "cuda")
 
 
 # ------------------------------------------------------------------------------------------------ output

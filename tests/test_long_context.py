@@ -324,6 +324,22 @@ def test_auto_turns_the_savers_on_only_when_the_run_would_not_fit(tmp_path, date
     assert not cpu.host_embeddings and not cpu.offload
 
 
+def test_auto_takes_smaller_mlp_chunks_where_offload_is_not_enough(tmp_path, dates_file):
+    """Llama-3-8B shapes at 16,384 tokens under an 8 GB card's 7.6 GiB: every saver is on and 4096-token MLP
+    chunks still leave the run over; auto takes 2048-token chunks, which fit; on a 24 GB card the same
+    sequence needs no tiling at all."""
+    from qtrain.memory import estimate, setup_from_config
+    from qtrain.planner import auto_memory_savers, autos
+
+    cfg = _plan_cfg(tmp_path, dates_file, 16384)
+    small = int(7.6 * GiB)
+    s = auto_memory_savers(setup_from_config(cfg, L3_8B, "cuda"), small, autos(cfg))
+    assert (s.fused, s.host_embeddings, s.offload, s.mlp_chunk) == (True, True, True, 2048)
+    assert estimate(s).peak <= small < estimate(replace(s, mlp_chunk=4096)).peak
+    big = auto_memory_savers(setup_from_config(cfg, L3_8B, "cuda"), int(23.5 * GiB), autos(cfg))
+    assert big.mlp_chunk is None and not big.offload
+
+
 def test_qtrain_plan_reports_host_memory_and_the_longest_sequences(tmp_path, dates_file, capsys):
     from qtrain.cli import main
 
