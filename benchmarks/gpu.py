@@ -45,14 +45,16 @@ SHAPES = {  # name: LlamaConfig arguments (vocab comes from the tokenizer for "t
                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
 }
 # (label, shape, micro-batch, sequence, checkpointing, systems)
+# "qtrain-unfused": qtrain with training.fused_ops false (transformers' RMSNorm and silu·up), to show what the
+# fused ops (Triton kernels on a GPU) buy where the fixed cost per step shows
 GRID = [
-    ("135M 4x512", "smol", 4, 512, True, ("qtrain", "peft+prepare", "peft")),
+    ("135M 4x512", "smol", 4, 512, True, ("qtrain", "peft+prepare", "peft", "qtrain-unfused")),
     ("135M 4x512 no-ckpt", "smol", 4, 512, False, ("qtrain",)),
-    ("8B 1x2048", "l3-8b", 1, 2048, True, ("qtrain", "peft+prepare", "peft")),
+    ("8B 1x2048", "l3-8b", 1, 2048, True, ("qtrain", "peft+prepare", "peft", "qtrain-unfused")),
     ("8B 1x2048 no-ckpt", "l3-8b", 1, 2048, False, ("qtrain",)),
     ("8B 4x2048", "l3-8b", 4, 2048, True, ("qtrain", "peft+prepare", "peft")),
 ]
-SMOKE_GRID = [("tiny 2x64", "tiny", 2, 64, True, ("qtrain", "peft+prepare", "peft")),
+SMOKE_GRID = [("tiny 2x64", "tiny", 2, 64, True, ("qtrain", "peft+prepare", "peft", "qtrain-unfused")),
               ("tiny 2x64 no-ckpt", "tiny", 2, 64, False, ("qtrain",))]
 RANK = 16
 
@@ -211,8 +213,10 @@ def child_qtrain(config: str) -> None:
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r and "elapsed_s" in r]
     elapsed = [r["elapsed_s"] for r in steps]
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     print(json.dumps({"rc": rc, "step_times": [round(b - a, 4) for a, b in zip(elapsed, elapsed[1:])],
-                      "losses": [r["loss"] for r in steps], **peaks(torch)}))
+                      "losses": [r["loss"] for r in steps], "fused_ops": summary.get("fused_ops_backend"),
+                      **peaks(torch)}))
 
 
 def child_peft(model: str, data: str, steps: int, batch: int, seq: int, prep: bool, ckpt: bool) -> None:
@@ -275,7 +279,7 @@ data: {{train: {data}, format: text, max_seq_len: {seq}}}
 eval: {{before_training: false, exact_match: false}}
 training: {{micro_batch_size: {batch}, gradient_accumulation_steps: 1, max_steps: {steps}, learning_rate: 0.0002,
            lr_scheduler: constant, optimizer: paged_adamw_8bit, gradient_checkpointing: {ckpt}, seed: 0,
-           log_every: 1, save_every: 1000}}
+           log_every: 1, save_every: 1000, fused_ops: {fused}}}
 logging: {{progress: false}}
 output: {{dir: {out}}}
 """
@@ -331,9 +335,12 @@ def run(args) -> int:
     import peft
     import transformers
 
+    from qtrain import triton_kernels
+
+    triton = importlib.import_module("triton").__version__ if triton_kernels.available() else None
     result = {"machine": {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke)",
                           "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-                          "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__},
+                          "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "triton": triton},
               "points": []}
     result["matmul_tflops"] = round(matmul_rate(device), 3)
     print(f"{result['machine']}\nmeasured {'bf16' if cuda else 'fp32'} matmul rate: {result['matmul_tflops']} TFLOP/s",
@@ -355,11 +362,12 @@ def run(args) -> int:
                 continue
             name = f"{shape}-{batch}x{seq}-{'ckpt' if ckpt else 'nockpt'}-{system}".replace("+", "-")
             log = work / "logs" / f"{name}.log"
-            if system == "qtrain":
+            if system.startswith("qtrain"):
                 cfg = work / f"{name}.yaml"
                 cfg.write_text(CONFIG.format(model=work / shape, dtype="bfloat16" if cuda else "float32",
                                              rank=RANK, alpha=2 * RANK, data=data, seq=seq, batch=batch,
-                                             steps=steps, ckpt=str(ckpt).lower(), out=work / "runs" / name))
+                                             steps=steps, ckpt=str(ckpt).lower(), out=work / "runs" / name,
+                                             fused="false" if system == "qtrain-unfused" else "auto"))
                 shutil.rmtree(work / "runs" / name, ignore_errors=True)
                 r = child(["child-qtrain", str(cfg)], min(left, args.timeout), log)
                 r["planned_allocated_mib"] = planned_allocated_mib(cfg)
@@ -388,6 +396,8 @@ def summarise(r: dict, tokens: int, n_matmul: int, tflops: float) -> dict:
     s = statistics.median(times)
     out = {"s_per_step": round(s, 4), "tokens_per_s": round(tokens / s), "losses": r["losses"],
            "mfu": round(6 * n_matmul * tokens / s / (tflops * 1e12), 3)}
+    if "fused_ops" in r:
+        out["fused_ops"] = r["fused_ops"]  # the backend the fused ops ran on ("triton", "torch"), or None: off
     for k in ("peak_allocated_mib", "peak_reserved_mib", "peak_rss_mib", "planned_allocated_mib"):
         if r.get(k) is not None:
             out[k] = round(r[k], 1)

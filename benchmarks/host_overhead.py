@@ -8,14 +8,25 @@ documented baseline's (transformers + bitsandbytes + peft, `prepare_model_for_kb
 by side, alternating, in one process.
 
     python benchmarks/host_overhead.py [--layers 32] [--steps 20] [--profile]
+    python benchmarks/host_overhead.py --fused    # also qtrain with training.fused_ops on its Triton path
+
+`--fused` counts what a GPU step would launch with the fused RMSNorm/SwiGLU kernels: the Triton kernels run on
+the CPU under Triton's interpreter (this sets TRITON_INTERPRET=1 before anything imports Triton), each call
+counted as one launch and the interpreter's own work inside it not counted; the interpreter is slow, so that
+run's host time is not measured.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if "--fused" in sys.argv:  # before torch, transformers or bitsandbytes import Triton
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import argparse
 import collections
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,19 +36,40 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 READS_BACK = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal"}
+# operators that only make a new view of a tensor (or detach it): host work, but no kernel on a GPU
+VIEWS = {"detach", "view", "_unsafe_view", "permute", "transpose", "t", "slice", "select", "expand", "unsqueeze",
+         "squeeze", "alias", "as_strided", "unbind", "split", "split_with_sizes", "narrow", "_reshape_alias",
+         "lift_fresh", "_to_copy_noop"}
 
 
 class Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.count = collections.Counter()
+        self.paused = False  # inside a Triton kernel's launch (counted once by `count_launches`)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count[func.overloadpacket.__name__] += 1
+        if not self.paused:
+            self.count[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 
-def qtrain_step(folder: Path, tokens: int):
+def count_launches(mode: Ops) -> None:
+    """Count each call of a `qtrain.triton_kernels` function as one launch, and nothing it does inside."""
+    from qtrain import triton_kernels
+
+    for name in ("rms_norm_forward", "rms_norm_backward", "swiglu_forward", "swiglu_backward"):
+        def launch(*args, _f=getattr(triton_kernels, name), _name=name):
+            mode.count[f"triton {_name}"] += 1
+            mode.paused = True
+            try:
+                return _f(*args)
+            finally:
+                mode.paused = False
+        setattr(triton_kernels, name, launch)
+
+
+def qtrain_step(folder: Path, tokens: int, fused: bool = False):
     from accelerate import Accelerator
 
     from qtrain.config import ModelSection, QuantizationSection, TrainingSection
@@ -49,6 +81,11 @@ def qtrain_step(folder: Path, tokens: int):
     loaded = load_model(ModelSection(path=str(folder)), QuantizationSection(bits=4), torch.device("cpu"))
     (lora,) = build_methods([LoRABlock(method="lora", r=16, alpha=32, dropout=0.0)])
     params = list(lora.attach(loaded.model).values())
+    if fused:
+        from qtrain.fused import backend_name, enable_fused_ops
+
+        assert backend_name(torch.device("cpu")) == "triton", "the Triton path needs triton installed"
+        enable_fused_ops(loaded.model)
     enable_checkpointing(loaded.model)
     model, acc = loaded.model.train(), Accelerator(cpu=True)
     opt = make_optimizer([{"params": params, "lr": 1e-4}], TrainingSection())
@@ -94,6 +131,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile qtrain's step: where the host time goes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the operators are tiny; "
                     "more threads measure OpenMP's wake-ups, not dispatch)")
+    ap.add_argument("--fused", action="store_true", help="also count a step with training.fused_ops on its Triton "
+                    "path (kernels under Triton's interpreter: counted, not timed)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from conftest import make_llama_folder
@@ -102,14 +141,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_llama_folder(Path(tmp) / "deep", tie=False, layers=a.layers, hidden=64)
         steps = {"qtrain": qtrain_step(folder, a.tokens), "peft": peft_step(folder, a.tokens)}
-        for name, step in steps.items():
+        counted = {**steps, **({"qtrain fused (Triton)": qtrain_step(folder, a.tokens, fused=True)} if a.fused else {})}
+        for name, step in counted.items():
             step()  # warm-up
             mode = Ops()
+            if "Triton" in name:
+                count_launches(mode)
             with mode:
                 step()
             reads = sum(mode.count[k] for k in READS_BACK)
-            print(f"{name:7s} ATen operators per step: {sum(mode.count.values()):6d}   value reads: {reads}   "
-                  f"top: {', '.join(f'{k} {v}' for k, v in mode.count.most_common(6))}")
+            total = sum(mode.count.values())
+            kernels = total - sum(v for k, v in mode.count.items() if k in VIEWS)
+            top = [f"{k} {v}" for k, v in mode.count.most_common(30) if k not in VIEWS][:7]
+            print(f"{name:7s} ATen operators (+ Triton launches) per step: {total:6d}, of which kernels "
+                  f"{kernels:6d}   value reads: {reads}   top kernels: {', '.join(top)}")
         times = {name: [] for name in steps}
         for _ in range(a.steps):  # alternating, so drift hits both
             for name, step in steps.items():
