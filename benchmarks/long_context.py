@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from qtrain.config import validate_config  # noqa: E402
 from qtrain.gpus import fmt_bytes  # noqa: E402
 from qtrain.memory import CUDA_CONTEXT, estimate, setup_from_config  # noqa: E402
-from qtrain.planner import auto_memory_savers, autos, longest_sequence, with_savers, without_savers  # noqa: E402
+from qtrain.planner import longest_sequence  # noqa: E402
+from qtrain.savers import auto_memory_savers, autos, with_savers, without_savers  # noqa: E402
 
 GiB = 2**30
 SHAPES = {

@@ -411,7 +411,7 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
     `gradient_checkpointing: auto` counts as on until `qtrain.planner.auto_checkpointing` decides it;
     `fused_ops: auto` as on for a GPU (where it always is) and off for a CPU; the
     `auto` of `activation_offload`, `mlp_chunk_tokens` and `embeddings_on_host` as off until
-    `qtrain.planner.auto_memory_savers` decides them; `shards`: the devices an FSDP run shards over (1: every
+    `qtrain.savers.auto_memory_savers` decides them; `shards`: the devices an FSDP run shards over (1: every
     device holds everything)."""
     q, t = cfg.quantization, cfg.training
     compute = q.compute_dtype if q.compute_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")

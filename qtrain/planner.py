@@ -4,7 +4,8 @@ The solver only ever re-runs the prediction on modified setups (it is monotone i
 length, so a doubling-then-bisection search finds the largest that fits), and suggestions are single changes
 a user can make with `--set`, ranked so that the least disruptive change that fits comes first. `qtrain run`
 calls `check_before_loading` to resolve `micro_batch_size: auto`, `gradient_checkpointing: auto` and the `auto`
-of the memory savers (input embeddings on the host, the tiled MLP, offloaded checkpoints: `auto_memory_savers`)
+of the memory savers (fused ops, input embeddings on the host, the tiled MLP, offloaded checkpoints:
+`qtrain.savers`)
 and to warn when the budget is exceeded.
 Nothing here imports torch (except `device_memory`, which only a run calls).
 """
@@ -21,6 +22,8 @@ from qtrain.errors import QTrainError
 from qtrain.gpus import GPU, fmt_bytes, gpu_profile, parse_bytes
 from qtrain.memory import (CUDA_CONTEXT, Estimate, Setup, estimate, lora_like, read_model_config,
                            setup_from_config)
+from qtrain.savers import AUTO_MLP_CHUNK, auto_memory_savers, autos, can_host_embeddings, with_savers, without_savers
+from qtrain.savers import resolve as resolve_savers
 
 
 # ------------------------------------------------------------------------------------------------ what fits
@@ -95,7 +98,7 @@ def suggestions(s: Setup, budget: int, accumulation: int = 1) -> list[Suggestion
     if s.checkpointing and not s.offload and s.device == "cuda":
         options.append(("offload the checkpointed layer inputs to host memory (same gradients)",
                         ["training.activation_offload=true"], replace(s, offload=True)))
-    if not s.host_embeddings and _can_host_embeddings(s):
+    if not s.host_embeddings and can_host_embeddings(s):
         options.append(("keep the input embeddings in host memory", ["model.embeddings_on_host=true"],
                         replace(s, host_embeddings=True)))
     ranks = {s.blocks[i].r for i in lora}
@@ -241,65 +244,6 @@ def auto_checkpointing(s: Setup, budget: int) -> bool:
 
 # ------------------------------------------------------------------------------------------------ memory savers
 
-AUTO_MLP_CHUNK = 4096  # tokens per chunk of `mlp_chunk_tokens: auto` (a 4096 x 4096 x 14336 GEMM stays efficient)
-SMALLER_MLP_CHUNKS = (2048, 1024)  # what auto tries next where even offload leaves the run over its budget
-HOST_EMBEDDINGS_MIN = 256 * 2**20  # `embeddings_on_host: auto` moves a table at least this large even when it fits
-
-
-def autos(cfg: RunConfig) -> set[str]:
-    """Which of the memory savers the config leaves to `auto`."""
-    t = cfg.training
-    return {name for name, value in (("embeddings_on_host", cfg.model.embeddings_on_host),
-                                     ("fused_ops", t.fused_ops), ("mlp_chunk_tokens", t.mlp_chunk_tokens),
-                                     ("activation_offload", t.activation_offload)) if value == "auto"}
-
-
-def _can_host_embeddings(s: Setup) -> bool:
-    """Input embeddings on the host apply on a GPU to an untied table that no method replaces, one process."""
-    import os
-
-    return (s.device == "cuda" and not s.arch.tie_embeddings and int(os.environ.get("WORLD_SIZE", "1")) == 1
-            and not any(b.method in ("prompt_tuning", "unfreeze") for b in s.blocks))
-
-
-def auto_memory_savers(s: Setup, budget: int, auto: set[str]) -> Setup:
-    """Resolve the `auto` among `fused_ops`, `embeddings_on_host`, `mlp_chunk_tokens` and `activation_offload`:
-    each is turned on, in that order (cheapest first), only while the run does not fit `budget`, except fused
-    ops on a GPU (fewer kernels as well as less memory: always on) and a large embedding table
-    (HOST_EMBEDDINGS_MIN), which goes to the host on a GPU anyway: it costs one gather of the batch's rows. A
-    tiled MLP that offload made unnecessary is turned off again, and one that is not enough even with offload
-    gets smaller chunks (2048, then 1024 tokens: a chunk's insides are ~150 KiB per token on Llama-3-8B, and
-    GEMMs of 1024 tokens still run near a GPU's rate). On CPU the host is the device: neither host option
-    applies; fused ops (which cost a recompute there) and the tiled MLP are the savers left."""
-    fits = lambda x: estimate(x).peak <= budget  # noqa: E731
-    if "fused_ops" in auto and (s.device == "cuda" or not fits(s)):
-        s = replace(s, fused=True)
-    if "embeddings_on_host" in auto and _can_host_embeddings(s) and (
-            s.arch.vocab * s.arch.hidden * s.compute_bytes >= HOST_EMBEDDINGS_MIN or not fits(s)):
-        s = replace(s, host_embeddings=True)
-    tiled_by_auto = False
-    if "mlp_chunk_tokens" in auto and not fits(s) and s.micro_batch * s.tokens > AUTO_MLP_CHUNK:
-        s, tiled_by_auto = replace(s, mlp_chunk=AUTO_MLP_CHUNK), True
-    if "activation_offload" in auto and s.device == "cuda" and s.checkpointing and not fits(s):
-        s = replace(s, offload=True)
-        if tiled_by_auto and fits(replace(s, mlp_chunk=None)):
-            s = replace(s, mlp_chunk=None)
-    for chunk in SMALLER_MLP_CHUNKS:
-        if not tiled_by_auto or s.mlp_chunk is None or fits(s) or s.micro_batch * s.tokens <= chunk:
-            break
-        s = replace(s, mlp_chunk=chunk)
-    return s
-
-
-def without_savers(s: Setup) -> Setup:
-    return replace(s, host_embeddings=False, mlp_chunk=None, offload=False, fused=False)
-
-
-def with_savers(s: Setup) -> Setup:
-    return replace(s, host_embeddings=s.host_embeddings or _can_host_embeddings(s), fused=True,
-                   mlp_chunk=s.mlp_chunk or SMALLER_MLP_CHUNKS[-1], offload=s.checkpointing and s.device == "cuda")
-
-
 # ------------------------------------------------------------------------------------------------ output
 
 _ROWS = {
@@ -420,26 +364,6 @@ def device_memory(device_type: str) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // processes
 
 
-def _resolve_memory_savers(cfg: RunConfig, s: Setup, limit: int, auto: set[str], limit_text: str,
-                           say) -> RunConfig:
-    """`cfg` with the `auto` memory savers decided (`auto_memory_savers`), each decision said."""
-    before = estimate(s).peak
-    s = auto_memory_savers(s, limit, auto)
-    t, m = cfg.training, cfg.model
-    decided = {"embeddings_on_host": s.host_embeddings, "mlp_chunk_tokens": s.mlp_chunk,
-               "activation_offload": s.offload and s.checkpointing, "fused_ops": s.fused}
-    training = {k: v for k, v in decided.items() if k in auto and k != "embeddings_on_host"}
-    cfg = cfg.model_copy(update={"training": t.model_copy(update=training), "model": m.model_copy(
-        update={k: v for k, v in decided.items() if k in auto and k == "embeddings_on_host"})})
-    if not any(decided[k] for k in auto):
-        return cfg  # the usual case (everything fits): nothing to say, full speed
-    shown = {True: "on", False: "off", None: "off"}
-    say("qtrain: memory savers auto → " + ", ".join(f"{k} {shown.get(decided[k], decided[k])}" for k in sorted(auto))
-        + f" (predicted peak {fmt_bytes(before)} without them, {fmt_bytes(estimate(s).peak)} with these, "
-          f"{limit_text})")
-    return cfg
-
-
 def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type: str, say=print,
                          shards: int = 1) -> RunConfig:
     """What `qtrain run` asks before loading the model: resolve `micro_batch_size: auto`, then
@@ -466,7 +390,7 @@ def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type:
         say(f"qtrain: gradient_checkpointing auto → {'on' if on else 'off'} (predicted peak without it "
             f"{fmt_bytes(without)}, {'within' if without <= limit else 'over'} {limit_text})")
     if auto:
-        cfg = _resolve_memory_savers(cfg, setup_from_config(cfg, model_cfg, device, shards=shards), limit, auto,
+        cfg = resolve_savers(cfg, setup_from_config(cfg, model_cfg, device, shards=shards), limit, auto,
                                      limit_text, say)
     peak = estimate(setup_from_config(cfg, model_cfg, device, shards=shards)).peak
     if budget is not None and peak > budget:

@@ -19,7 +19,7 @@ from qtrain.memory import estimate, setup_from_config
 from qtrain.methods import build_methods
 from qtrain.methods.blocks import LoRABlock
 from qtrain.modeling import enable_checkpointing, load_model
-from qtrain.planner import auto_memory_savers
+from qtrain.savers import auto_memory_savers
 from qtrain.tiling import enable_tiled_mlp
 from qtrain.train import accumulate_gradients
 from conftest import make_llama_folder, write_config

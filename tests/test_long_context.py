@@ -307,7 +307,7 @@ def test_auto_turns_the_savers_on_only_when_the_run_would_not_fit(tmp_path, date
     stops fitting without them; the run said to fit does fit; a tiled MLP that offload made unnecessary is
     turned off again. On a CPU neither host option applies."""
     from qtrain.memory import estimate, setup_from_config
-    from qtrain.planner import auto_memory_savers, autos
+    from qtrain.savers import auto_memory_savers, autos
 
     cfg = _plan_cfg(tmp_path, dates_file, seq)
     assert autos(cfg) == {"fused_ops", "embeddings_on_host", "mlp_chunk_tokens", "activation_offload"}  # defaults
@@ -329,7 +329,7 @@ def test_auto_takes_smaller_mlp_chunks_where_offload_is_not_enough(tmp_path, dat
     chunks still leave the run over; auto takes 2048-token chunks, which fit; on a 24 GB card the same
     sequence needs no tiling at all."""
     from qtrain.memory import estimate, setup_from_config
-    from qtrain.planner import auto_memory_savers, autos
+    from qtrain.savers import auto_memory_savers, autos
 
     cfg = _plan_cfg(tmp_path, dates_file, 16384)
     small = int(7.6 * GiB)
