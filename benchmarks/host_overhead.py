@@ -36,10 +36,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 READS_BACK = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal"}
-# operators that only make a new view of a tensor (or detach it): host work, but no kernel on a GPU
+# operators that only make a new view of a tensor (or detach it) or allocate one: host work, but no kernel on a GPU
+# (the caching allocator hands out memory without the device)
 VIEWS = {"detach", "view", "_unsafe_view", "permute", "transpose", "t", "slice", "select", "expand", "unsqueeze",
          "squeeze", "alias", "as_strided", "unbind", "split", "split_with_sizes", "narrow", "_reshape_alias",
-         "lift_fresh", "_to_copy_noop"}
+         "lift_fresh", "empty", "new_empty", "empty_like", "empty_strided", "new_empty_strided"}
 
 
 class Ops(TorchDispatchMode):

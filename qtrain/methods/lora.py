@@ -45,6 +45,12 @@ from qtrain.quantization import dequantized_weight, is_linear, linear_input_grad
 from qtrain.surgery import portable_targets
 
 
+def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale · m1 @ m2 as one GEMM (beta=0: the empty output's contents are never read)."""
+    out = m1.new_empty((m1.shape[0], m2.shape[1]))
+    return torch.addmm(out, m1, m2, beta=0, alpha=scale)
+
+
 class LoRAFunction(torch.autograd.Function):
     """y = x·Wᵀ + bias + s·(h·Aᵀ)·Bᵀ over a frozen base `layer`; h is x, or x after dropout."""
 
@@ -79,10 +85,11 @@ class LoRAFunction(torch.autograd.Function):
                     gx.addmm_(gyb, a.to(dtype), alpha=s)
                 gx = gx.reshape(ctx.x_shape).to(ctx.x_dtype)
             if need_h and not ctx.same_input:
-                gh = (gyb @ a.to(dtype)).mul_(s).reshape(ctx.x_shape).to(ctx.x_dtype)
-            # the scale goes on the small products, never on a (tokens × features) operand
-            ga = (gyb.T @ h2).mul_(s).to(a.dtype) if need_a else None  # (r, in)
-            gb = (gy2.T @ ha).mul_(s).to(b.dtype) if need_b else None  # (out, r)
+                gh = _scaled_mm(gyb, a.to(dtype), s).reshape(ctx.x_shape).to(ctx.x_dtype)
+            # the scale goes into the GEMM (its alpha: one kernel and one rounding, not a product then a scale
+            # pass), never onto a (tokens × features) operand
+            ga = _scaled_mm(gyb.T, h2, s).to(a.dtype) if need_a else None  # (r, in)
+            gb = _scaled_mm(gy2.T, ha, s).to(b.dtype) if need_b else None  # (out, r)
         return gx, gh, ga, gb, None, None, None, None
 
 
