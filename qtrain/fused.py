@@ -11,11 +11,13 @@ What autograd keeps of transformers' modules, per token of a Llama-family decode
 qtrain's replacements keep only their 16-bit inputs (the norm's input is often kept anyway: a checkpointed
 block's input, a residual sum) and rebuild the rest in backward:
 
-- `recomputed(fn, chunk_rows, *inputs)`, the plain path on any device: the forward runs the module's own code
-  over chunks of rows without autograd and saves only the inputs; backward re-runs that code chunk by chunk
-  under autograd and differentiates it at once. The gradients are the ones transformers' modules give, bit for
-  bit (the same operations on the same rows, tested), and the fp32 temporaries exist for one chunk at a time.
-  The price is one more forward of the norm or of silu·up per backward (elementwise, memory-bound).
+- the plain path, on any device. The norm (`recomputed`): its forward runs the module's own code over chunks
+  of rows without autograd and saves only the input; backward re-runs that code chunk by chunk under autograd
+  and differentiates it at once, so the fp32 temporaries exist for one chunk at a time. silu·up (`SwiGLU`):
+  saves gate and up, and backward replays the three operations autograd runs for it, rebuilding silu(gate).
+  The gradients are the ones transformers' modules give, bit for bit in 16-bit compute (the same operations
+  on the same rows, tested); the price is one more forward of the norm and of silu per backward (elementwise,
+  memory-bound).
 - On a CUDA GPU with Triton installed, `qtrain.triton_kernels` does each direction in one kernel (instead of
   ~8 forward and ~12 backward launches for a norm, 2 and 4 for silu·up), saving the same inputs (and the norm's
   fp32 per-row rstd). The same values up to the transcendental functions' last bits (tested against the plain
@@ -39,14 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtrain.memory import FUSED_CHUNK_ELEMENTS
+from qtrain.tiling import autocast_state
 
 _NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 _MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 CHUNK_ELEMENTS = FUSED_CHUNK_ELEMENTS  # elements per chunk of the norm's plain path (the planner counts them)
-
-
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
-    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
 class Recompute(torch.autograd.Function):
@@ -56,7 +55,7 @@ class Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn: Callable[[torch.Tensor], torch.Tensor], rows: int, x: torch.Tensor) -> torch.Tensor:
         ctx.fn, ctx.rows = fn, rows
-        ctx.autocast = _autocast_state(x.device.type)
+        ctx.autocast = autocast_state(x.device.type)
         ctx.save_for_backward(x)
         if x.shape[0] <= rows:
             return fn(x)

@@ -12,7 +12,8 @@ runs on target positions in chunks of `training.loss_chunk_size`, each chunk's g
 own logits, so the logits term is one chunk of fp32 logits.
 Each quantized linear call dequantizes its weight, so one dense weight is scratch (on CPU a buffer kept all run).
 The peak is the larger of the backward phase (saved activations + the biggest transient) and the optimizer step.
-Three memory savers move terms: offloaded checkpoints (`qtrain.offload`) leave two layer inputs of the L on the
+Four memory savers move terms: fused ops (`qtrain.fused`) keep the norms' 16-bit inputs instead of their fp32
+upcasts and no silu(gate); offloaded checkpoints (`qtrain.offload`) leave two layer inputs of the L on the
 device and put L in host memory; the tiled MLP (`qtrain.tiling`) keeps each layer's MLP input instead of its
 insides, which then exist for one chunk, beside the MLP's dense weights held through the call; input embeddings
 on the host move the table (vocab × hidden) to host memory. `details["host_bytes"]` is what the run adds there.

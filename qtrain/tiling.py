@@ -41,7 +41,8 @@ from qtrain.quantization import dequantize_once
 from qtrain.surgery import decoder_layers
 
 
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+def autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    """(enabled, dtype) of autocast now: what a re-run in backward must restore to compute as forward did."""
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
@@ -51,7 +52,7 @@ class TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, run: Callable, chunk: int, discard_in_recompute: bool, stochastic: bool, *params):
         ctx.run, ctx.chunk, ctx.skip = run, chunk, discard_in_recompute
-        ctx.autocast = _autocast_state(x.device.type)
+        ctx.autocast = autocast_state(x.device.type)
         ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None) \
             if stochastic else None
         ctx.save_for_backward(x)

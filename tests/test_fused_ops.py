@@ -76,7 +76,7 @@ def test_fused_ops_give_bit_identical_loss_and_gradients_in_bf16(llama_dir, chec
     ref_loss, ref = _step(model, params, "bf16")
     assert all(g.abs().sum() > 0 for g in ref.values())
     if tiled:  # the tiled MLP runs whatever forward the MLP has: switch first, as `qtrain run` does
-        for _, layer in enumerate(model.model.layers):
+        for layer in model.model.layers:
             del layer.mlp.forward
     count = enable_fused_ops(model)
     assert count == {"rms_norm": 2 * LAYERS + 1, "swiglu": LAYERS}
