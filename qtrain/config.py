@@ -145,6 +145,13 @@ class TrainingSection(Section):
     kernel each way on a CUDA GPU when Triton is installed. Same gradients: bit for bit without Triton in
     16-bit compute, to float rounding otherwise. `auto`: on on a CUDA GPU; on CPU, on only when the planner
     predicts the run does not fit without it."""
+    compile: bool | Literal["auto"] = "auto"
+    """Each decoder block's training forward and backward through torch.compile (`qtrain.compiled`): fused
+    kernels and one call per block instead of hundreds of small operators, which is what a short step waits on.
+    The first step compiles (seconds to a minute). Same gradients to float rounding (tested); dropout masks come
+    from the compiler's generator. Not with the tiled MLP or `fused_ops: true` (the compiler fuses the norm and
+    silu·up itself). `auto`: on on a CUDA GPU unless the tiled MLP is needed or the model is sharded (FSDP); off
+    on CPU."""
     seed: int = 42
     log_every: PositiveInt = 1
     eval_every: PositiveInt | None = None
@@ -191,6 +198,20 @@ class TrainingSection(Section):
         if self.activation_offload is True and self.gradient_checkpointing is False:
             raise ValueError("training.activation_offload: true offloads the inputs gradient checkpointing keeps; "
                              "set training.gradient_checkpointing: true (or auto), or activation_offload: auto")
+        return self
+
+    @model_validator(mode="after")
+    def _compile_alone(self) -> "TrainingSection":
+        if self.compile is not True:
+            return self
+        if self.fused_ops is True:
+            raise ValueError("training.compile: true and training.fused_ops: true both fuse RMSNorm and silu·up, "
+                             "and a block holding the fused functions cannot be compiled; set fused_ops: auto "
+                             "(off under compile) or false, or compile: false")
+        if isinstance(self.mlp_chunk_tokens, int):
+            raise ValueError(f"training.compile: true cannot compile a block whose MLP is tiled "
+                             f"(mlp_chunk_tokens: {self.mlp_chunk_tokens}); set mlp_chunk_tokens: auto or null, "
+                             "or compile: false for long sequences that need the tiled MLP")
         return self
 
     @model_validator(mode="after")

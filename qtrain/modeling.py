@@ -308,8 +308,10 @@ _TAIL_IS_DOWN_PROJ = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwe
 
 
 def recomputing() -> bool:
-    """True while a checkpointed block re-runs its forward inside backward (or a tiled MLP re-runs a chunk)."""
-    return _RECOMPUTING.get()
+    """True while a checkpointed block re-runs its forward inside backward (or a tiled MLP re-runs a chunk).
+    Never in code torch.compile traces: a compiled block's recompute is its compiled backward's, which computes
+    only what backward reads (`qtrain.compiled`)."""
+    return False if torch.compiler.is_compiling() else _RECOMPUTING.get()
 
 
 @contextlib.contextmanager
@@ -342,22 +344,36 @@ def mark_recompute_tail(layer: nn.Module) -> bool:
 
 def _checkpoint(function, *args, offload=None, **kwargs):
     """`torch.utils.checkpoint` (non-reentrant) that lets the block's code know which run it is in; with
-    `offload` (a `qtrain.offload.ActivationOffload`) the block's hidden-state input waits in host memory."""
-    runs = 0
+    `offload` (a `qtrain.offload.ActivationOffload`) the block's hidden-state input waits in host memory. A
+    compiled block (`qtrain.compiled`) is checkpointed inside its compiled function instead."""
+    from qtrain.compiled import compiled_block, runs_compiled
 
-    def run(*a, **k):
-        nonlocal runs
-        token = _RECOMPUTING.set(runs > 0)
-        runs += 1
-        try:
-            return function(*a, **k)
-        finally:
-            _RECOMPUTING.reset(token)
+    if isinstance(function, functools.partial) and function.args and runs_compiled(function.args[0],
+                                                                                   function.keywords):
+        # the checkpoint goes inside the compiled block (`qtrain.compiled`): `partial(forward, layer, **kwargs)`
+        block, f_args, f_kwargs = compiled_block(function.func, True), function.args, function.keywords
+
+        def checkpointed(*a, **k):
+            return block(*f_args, *a, **f_kwargs, **k)
+    else:
+        runs = 0
+
+        def run(*a, **k):
+            nonlocal runs
+            token = _RECOMPUTING.set(runs > 0)
+            runs += 1
+            try:
+                return function(*a, **k)
+            finally:
+                _RECOMPUTING.reset(token)
+
+        def checkpointed(*a, **k):
+            return torch.utils.checkpoint.checkpoint(run, *a, use_reentrant=False, **k)
 
     if offload is None or not args or not isinstance(args[0], torch.Tensor):
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return checkpointed(*args, **kwargs)
     with offload.around(args[0]):  # the hidden states: the one input the checkpoint keeps that is per block
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return checkpointed(*args, **kwargs)
 
 
 def enable_checkpointing(model: nn.Module, offload=None) -> int:

@@ -257,7 +257,7 @@ def _matmul_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     w = layer.weight
     if not is_quantized(layer):
         return w.to(dtype)
-    if w.device.type != "cpu":
+    if w.device.type != "cpu" or torch.compiler.is_compiling():  # a compiled graph allocates its own buffers
         return dequantized_weight(layer, dtype)
     if isinstance(layer, bnb.nn.Linear8bitLt):
         return _int8_dequantized(layer, _scratch(tuple(w.shape), dtype))
@@ -292,7 +292,7 @@ def _int8_row_scale(layer: nn.Module, tokens: int, dtype: torch.dtype) -> torch.
     token-by-token generation and small micro-batches. The scale (out,), or None where the weight should be
     scaled instead. Same values to `dtype`'s rounding (one rounding on the other side of the product)."""
     if (not isinstance(layer, bnb.nn.Linear8bitLt) or layer.weight.device.type != "cpu"
-            or tokens >= layer.in_features):
+            or tokens >= layer.in_features or torch.compiler.is_compiling()):
         return None
     return _int8_scb(layer).mul(1.0 / 127.0).to(dtype)  # the scale `_int8_dequantized` applies
 

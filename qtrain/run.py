@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import yaml
 
-from qtrain import sharding
+from qtrain import compiled, sharding
 from qtrain.config import RunConfig
 from qtrain.errors import QTrainError
 
@@ -112,7 +112,9 @@ def _as_main_decided(cfg: RunConfig, accelerator) -> RunConfig:
 def apply_switches(model: torch.nn.Module, cfg: RunConfig, device: torch.device):
     """Turn on what `training` and `model` ask for around the loaded, adapted model, in the order they compose:
     fused ops (the tiled MLP's chunks then run the fused MLP), checkpointing with its offload, the tiled MLP,
-    the embeddings on the host. Returns (the ActivationOffload or None, what fused_ops switched or None)."""
+    the embeddings on the host, then the compiled blocks (around the checkpoints). Returns (the ActivationOffload
+    or None, what fused_ops switched or None)."""
+    from qtrain.compiled import compile_blocks
     from qtrain.fused import backend_name, enable_fused_ops
     from qtrain.modeling import enable_checkpointing
     from qtrain.offload import ActivationOffload, put_embeddings_on_host
@@ -129,6 +131,8 @@ def apply_switches(model: torch.nn.Module, cfg: RunConfig, device: torch.device)
         enable_tiled_mlp(model, t.mlp_chunk_tokens)
     if cfg.model.embeddings_on_host is True:
         put_embeddings_on_host(model, device)
+    if t.compile is True:
+        compile_blocks(model)
     return offload, fused
 
 
@@ -189,7 +193,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     if cfg.training.gradient_checkpointing == "auto" and isinstance(decided, bool):  # as the interrupted run did
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": decided})})
         say(f"qtrain: gradient_checkpointing auto → {'on' if decided else 'off'}, as in the checkpoint resumed")
-    for key in ("mlp_chunk_tokens", "fused_ops"):  # chunking reassociates gradient sums; Triton rounds its own way
+    # chunking reassociates gradient sums; Triton and the compiler round their own ways
+    for key in ("mlp_chunk_tokens", "fused_ops", "compile"):
         if getattr(cfg.training, key) == "auto" and saved.get(key, "auto") != "auto":
             cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={key: saved[key]})})
     split = {k: saved.get(k) for k in ("micro_batch_size", "gradient_accumulation_steps")}
@@ -198,9 +203,11 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update=split)})
         say(f"qtrain: micro_batch_size auto → {split['micro_batch_size']} (gradient accumulation "
             f"{split['gradient_accumulation_steps']}), as in the checkpoint resumed")
+    fused_auto = cfg.training.fused_ops == "auto"
     cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say, shards)
     if accelerator.num_processes > 1:  # `auto` read this process's free memory: all train as the main one decided
         cfg = _as_main_decided(cfg, accelerator)
+    cfg = compiled.decide(cfg, device.type, bool(fsdp), fused_auto, say)
     if ckpt:  # against the resolved config (micro_batch_size: auto is a number by now)
         check_resumable(ckpt, cfg.to_dict(), cfg.fingerprint(), allow_config_change, say)
     keep_dense = set().union(*(block.full_precision_linears(arch) for block in cfg.peft))
@@ -245,6 +252,9 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     if fused:
         say(f"qtrain: fused_ops on: {fused['rms_norm']} RMSNorms and {fused['swiglu']} SwiGLU MLPs "
             f"({fused['backend']})")
+    if t.compile is True:
+        say(f"qtrain: compile on: each decoder block's training forward and backward through torch.compile "
+            f"({compiled.BACKEND}); the first step compiles them")
     if offload or isinstance(t.mlp_chunk_tokens, int) or cfg.model.embeddings_on_host is True:
         say(f"qtrain: memory savers: activation_offload {'on' if offload else 'off'}, mlp_chunk_tokens "
             f"{t.mlp_chunk_tokens}, embeddings_on_host {'on' if cfg.model.embeddings_on_host is True else 'off'}")
@@ -307,7 +317,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         # as run, with `auto` resolved (config.yaml keeps what the user wrote)
         **{k: getattr(cfg.training, k) for k in ("micro_batch_size", "gradient_accumulation_steps",
                                                   "gradient_checkpointing", "activation_offload",
-                                                  "mlp_chunk_tokens", "fused_ops")},
+                                                  "mlp_chunk_tokens", "fused_ops", "compile")},
         "fused_ops_backend": fused["backend"] if fused else None,
         "embeddings_on_host": cfg.model.embeddings_on_host,
     }

@@ -52,13 +52,14 @@ def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor
 
 
 class LoRAFunction(torch.autograd.Function):
-    """y = x·Wᵀ + bias + s·(h·Aᵀ)·Bᵀ over a frozen base `layer`; h is x, or x after dropout."""
+    """y = x·Wᵀ + bias + s·(h·Aᵀ)·Bᵀ over a frozen base `layer`; h is x after dropout, or None for x itself
+    (one tensor is never passed twice: torch.compile cannot trace a Function given the same tensor twice)."""
 
     @staticmethod
     def forward(ctx, x, h, a, b, layer: nn.Module, scaling: float, dtype: torch.dtype, output_unused: bool = False):
         with torch.autocast(x.device.type, enabled=False):  # dtypes are explicit here
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, in)
-            h2 = x2 if h is x else h.reshape(-1, h.shape[-1]).to(dtype)
+            h2 = x2 if h is None else h.reshape(-1, h.shape[-1]).to(dtype)
             ha = h2 @ a.to(dtype).T  # (N, r)
             if output_unused:  # a recompute that only needs what backward saves: no base matmul
                 y = ha.new_zeros(()).expand(x2.shape[0], layer.out_features)
@@ -66,7 +67,7 @@ class LoRAFunction(torch.autograd.Function):
                 y = linear_product(x2, layer, layer.bias, dtype)  # (N, out)
                 y.addmm_(ha, b.to(dtype).T, alpha=scaling)
         ctx.save_for_backward(h2, ha, a, b)
-        ctx.layer, ctx.scaling, ctx.dtype, ctx.same_input = layer, scaling, dtype, h is x
+        ctx.layer, ctx.scaling, ctx.dtype, ctx.same_input = layer, scaling, dtype, h is None
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -129,7 +130,8 @@ class LoRALinear(LinearWrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused:
             h = self.lora_dropout(x)
-            return LoRAFunction.apply(x, h, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling,
+            return LoRAFunction.apply(x, None if h is x else h, self.lora_A.weight, self.lora_B.weight,
+                                      self.base_layer, self.scaling,
                                       matmul_dtype(x, getattr(self.base_layer, "compute_dtype", None)),
                                       self.recompute_tail and recomputing())
         out = self.base_layer(x)  # (..., out)

@@ -1,0 +1,143 @@
+"""Compiled decoder blocks (`training.compile`): each block's training forward, and so its backward, as one
+torch.compile graph.
+
+Where a step is short (a small model, or a large one at micro-batch 1) its time is host work: one Python call,
+one dispatch and one kernel launch per operator, ~580 operators per LoRA'd Llama block and step. Compiled, a
+block's forward is one call of generated code and its backward another; elementwise chains (RMSNorm, rotary
+embedding, silu·up, residual adds, LoRA's scale) become single fused kernels and the matmuls stay library
+GEMMs. LoRA's `LoRAFunction` and the 4-bit/8-bit dequantization ops (bitsandbytes' torch.library operators;
+`quantization.matmul_weight` takes that path while compiling) are traced into the graph, without a graph break
+for the stock Llama-family blocks (tested).
+
+With gradient checkpointing the checkpoint is inside the compiled function: `torch.utils.checkpoint` becomes
+part of the graph, the block saves only its inputs, and the compiled backward recomputes just what it reads.
+That replaces LoRA's `recompute_tail` and `qtrain.modeling._checkpoint`'s recompute flag, neither of which code
+under compile reads (`modeling.recomputing` is False there). Dropout masks are replayed in the recompute
+(tested: the same gradients with and without checkpointing); they are drawn by the compiler's generator, not
+eager torch's, so a compiled run's masks differ from an uncompiled run's at the same seed. Offloaded
+checkpoints still wrap the block: the inputs the compiled function keeps go to the host.
+
+One graph per block class and input signature (the first block's input needs no gradient: two graphs for a
+Llama); the first new sequence length turns the length into a symbol, so a run whose batches vary in length
+compiles at most twice that (tested), not once per length. Evaluation and generation run the plain forward: they are not compiled (generation's growing length
+would recompile every token). Not combined with the tiled MLP or fused ops (`qtrain.tiling`, `qtrain.fused`):
+their autograd functions re-enter autograd and cannot be traced, so a block holding one would run uncompiled;
+the compiler fuses the norm and silu·up itself.
+
+Blocks are switched like the other switches (`qtrain.tiling`): a flag on each decoder layer instance, read by
+qtrain's checkpoint function, and, without checkpointing, the instance's own `forward`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+from qtrain.surgery import decoder_layers
+
+if TYPE_CHECKING:
+    from qtrain.config import RunConfig
+
+BACKEND = "inductor"  # torch.compile's backend (tests use "aot_eager": the same graph, run by eager kernels)
+_COMPILED: dict[tuple[Callable, bool, str], Callable] = {}
+
+
+def _configure() -> None:
+    import torch._dynamo
+
+    # transformers' kernel-hub wrapper around attention sets and resets a module-level variable inside each
+    # block's forward; under a compiled checkpoint that is a "side effect" dynamo would otherwise refuse to trace
+    # (it would run the block uncompiled). The value is restored before the block returns, so not replaying it
+    # in the recompute changes nothing.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
+def compiled_block(forward: Callable, checkpointed: bool) -> Callable:
+    """`forward` (a decoder block class's plain forward, `self` first) through torch.compile, inside
+    `torch.utils.checkpoint` when `checkpointed`; one compiled function per (forward, checkpointed, backend)."""
+    key = (forward, checkpointed, BACKEND)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        _configure()
+        if checkpointed:
+            def block(*args, **kwargs):
+                return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            functools.update_wrapper(block, forward)
+        else:
+            block = forward
+        # dynamic=None: a second sequence length makes that dimension symbolic (batches are padded to their own
+        # longest row, so lengths vary) instead of one graph per length up to dynamo's recompile limit
+        fn = _COMPILED[key] = torch.compile(block, backend=BACKEND, dynamic=None)
+    return fn
+
+
+_CACHES = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def runs_compiled(layer: object, kwargs: dict) -> bool:
+    """Whether this call of a block takes its compiled forward: a compiled block, given no KV cache (prefix
+    tuning's, or generation's: its per-layer index would make one graph per layer)."""
+    return getattr(layer, "_qtrain_compiled", False) and all(kwargs.get(k) is None for k in _CACHES)
+
+
+def plain_forward(layer: nn.Module) -> Callable:
+    """The block class's own forward: transformers' checkpointing wrapper `functools.wraps` it."""
+    f = type(layer).forward
+    return getattr(f, "__wrapped__", f)
+
+
+class _CompiledForward:
+    """The instance `forward` of a compiled block without checkpointing: compiled in training (`runs_compiled`),
+    plain otherwise."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer, self.plain = layer, plain_forward(layer)
+
+    def __call__(self, *args, **kwargs):
+        layer = self.layer
+        if layer.training and torch.is_grad_enabled() and runs_compiled(layer, kwargs):
+            return compiled_block(self.plain, False)(layer, *args, **kwargs)
+        return self.plain(layer, *args, **kwargs)
+
+
+def decide(cfg, device_type: str, sharded: bool, fused_auto: bool, say) -> "RunConfig":
+    """`cfg` with `training.compile` decided: `auto` is on for a CUDA GPU unless the tiled MLP is on (the
+    savers' `auto` may have just turned it on), the model is sharded, or `fused_ops` was asked for. A block the
+    compiler fuses needs no fused ops, so an `auto` fused_ops goes off under compile (`fused_auto`: the config
+    left it to `auto`; the planner's fused-ops memory stands for the compiled block's, which keeps no more)."""
+    t = cfg.training
+    tiled = isinstance(t.mlp_chunk_tokens, int)
+    if t.compile == "auto":
+        on = device_type == "cuda" and not tiled and not sharded and (fused_auto or t.fused_ops is False)
+    elif t.compile and tiled:  # only the savers' auto can have tiled it (the config refuses both)
+        say(f"qtrain: compile off: the run needs the tiled MLP (mlp_chunk_tokens auto → {t.mlp_chunk_tokens}), "
+            "whose blocks cannot be compiled")
+        on = False
+    else:
+        on = t.compile
+    update = {"compile": on}
+    if on and fused_auto:
+        update["fused_ops"] = False
+    return cfg.model_copy(update={"training": t.model_copy(update=update)})
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """Compile every decoder block's training forward (module docstring); returns how many. Call after
+    checkpointing is set up: a checkpointed block is compiled with its checkpoint, by qtrain's checkpoint
+    function; any other gets its own instance forward."""
+    layers = [layer for _, layer in decoder_layers(model)]
+    for layer in layers:
+        layer._qtrain_compiled = True
+        if not getattr(layer, "gradient_checkpointing", False):
+            layer.forward = _CompiledForward(layer)
+    return len(layers)
+
+
+def uncompile_blocks(model: nn.Module) -> None:
+    for _, layer in decoder_layers(model):
+        vars(layer).pop("_qtrain_compiled", None)
+        if isinstance(vars(layer).get("forward"), _CompiledForward):
+            del layer.forward

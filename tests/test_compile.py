@@ -1,0 +1,301 @@
+"""Compiled decoder blocks (`training.compile`, `qtrain.compiled`) against the uncompiled model: the same loss
+and gradients (to float rounding with inductor, exactly with the eager-kernel backend), one graph per block
+signature without a graph break, the dropout masks replayed in the compiled recompute, and the switch itself
+(what `auto` decides, what the config refuses, `qtrain run` recording and resuming its decision).
+
+Inductor compiles C++ on the CPU (seconds per graph), so most tests trace with "aot_eager": the same captured
+and differentiated graph, run by torch's own kernels, which is where tracing mistakes would show."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch._dynamo.utils import counters
+
+import qtrain.compiled as compiled
+from qtrain.cli import main
+from qtrain.config import ModelSection, QuantizationSection, validate_config
+from qtrain.errors import QTrainError
+from qtrain.methods import build_methods
+from qtrain.methods.blocks import AdapterBlock, BitFitBlock, IA3Block, LoRABlock
+from qtrain.modeling import enable_checkpointing, load_model
+from qtrain.offload import ActivationOffload
+from qtrain.train import accumulate_gradients
+from conftest import make_llama_folder, write_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return make_llama_folder(tmp_path_factory.mktemp("llama-compile"), tie=False, layers=3)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo(monkeypatch):
+    """Each test compiles from scratch with the backend it names (compiled graphs are process-wide)."""
+    torch._dynamo.reset()
+    compiled._COMPILED.clear()
+    counters.clear()
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    yield
+    torch._dynamo.reset()
+    compiled._COMPILED.clear()
+
+
+def _model(model_dir, blocks, bits=4, dtype="float32"):
+    loaded = load_model(ModelSection(path=str(model_dir)), QuantizationSection(bits=bits, compute_dtype=dtype), CPU)
+    model = loaded.model
+    model.config.use_cache = False  # as `qtrain run` sets it
+    torch.manual_seed(0)
+    params = {}
+    for method in build_methods(blocks):
+        params.update(method.attach(model))
+    for p in params.values():  # every factor non-zero, so every gradient depends on every factor
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.train(), params
+
+
+def _step(model, params, precision="no", seed=5, length=24):
+    AcceleratorState._reset_state()
+    for p in params.values():
+        p.grad = None
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 300, (2, length), generator=g)
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    batch["attention_mask"][1, -4:] = 0  # a padded row
+    batch["labels"][1, -4:] = -100
+    torch.manual_seed(seed)  # the dropout masks
+    loss, _ = accumulate_gradients(model, [batch], Accelerator(cpu=True, mixed_precision=precision), 1024)
+    return loss, {n: p.grad.clone() for n, p in params.items()}
+
+
+def _pair(model_dir, blocks, checkpointing, bits=4, dtype="float32", precision="no", offload=False, steps=2):
+    """(uncompiled, compiled) results of the same model and batch; the compiled one's last of `steps` steps
+    (the first compiles; later ones run the cached graphs)."""
+    out = []
+    for compile_it in (False, True):
+        model, params = _model(model_dir, blocks, bits, dtype)
+        held = ActivationOffload() if offload else None
+        if checkpointing:
+            enable_checkpointing(model, held)
+        if compile_it:
+            compiled.compile_blocks(model)
+        for _ in range(steps if compile_it else 1):
+            result = _step(model, params, precision)
+        out.append((*result, held))
+    return out
+
+
+def _worst(a: dict, b: dict) -> float:
+    """Largest |a - b| over each gradient, relative to that gradient's largest entry."""
+    return max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in a)
+
+
+def _eager_random(configure):
+    """`_configure` that also makes inductor's dropout draw eager torch's masks (`fallback_random`)."""
+    def both():
+        configure()
+        torch._inductor.config.fallback_random = True
+    return both
+
+
+@pytest.fixture(autouse=True)
+def inductor_random_restored():
+    import torch._inductor.config
+
+    before = torch._inductor.config.fallback_random
+    yield
+    torch._inductor.config.fallback_random = before
+
+
+LORA = [LoRABlock(method="lora", r=4, alpha=8, dropout=0.1)]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_inductor_blocks_give_the_eager_loss_and_gradients(llama_dir, checkpointing, monkeypatch):
+    """Inductor (C++ here, Triton on a GPU) against eager kernels, LoRA with dropout on a 4-bit base in fp32:
+    the loss within 1e-6 and every LoRA gradient within 1e-4 of its largest entry (fused loops reassociate
+    sums). `fallback_random` makes the compiled dropout draw eager torch's masks so the two runs compare; the
+    three blocks compile into exactly two graphs (the first block's input needs no gradient), no graph break."""
+    monkeypatch.setattr(compiled, "BACKEND", "inductor")
+    monkeypatch.setattr(compiled, "_configure", _eager_random(compiled._configure))
+    (eager_loss, eager, _), (loss, grads, _) = _pair(llama_dir, LORA, checkpointing)
+    assert abs(loss - eager_loss) < 1e-6 * abs(eager_loss)
+    assert _worst(eager, grads) < 1e-4
+    assert counters["stats"]["unique_graphs"] == 2
+    assert not counters["graph_break"]
+
+
+def test_compiled_recompute_replays_the_dropout_masks(llama_dir, monkeypatch):
+    """With the compiler's own generator the masks differ from eager torch's, so the check is internal: a
+    checkpointed compiled block (whose backward recomputes the forward, masks included) gives the gradients of
+    a compiled block that kept its activations, bit for bit."""
+    monkeypatch.setattr(compiled, "BACKEND", "inductor")
+    results = []
+    for checkpointing in (True, False):
+        model, params = _model(llama_dir, LORA)
+        if checkpointing:
+            enable_checkpointing(model)
+        compiled.compile_blocks(model)
+        results.append(_step(model, params))
+    (loss_a, a), (loss_b, b) = results
+    assert loss_a == loss_b
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    eager_model, eager_params = _model(llama_dir, LORA)
+    assert _step(eager_model, eager_params)[0] != loss_a  # they are another draw than eager torch's
+
+
+@pytest.mark.parametrize("blocks,bits", [
+    (LORA, 4),
+    (LORA, 8),
+    ([LoRABlock(method="lora", r=4, alpha=8, dropout=0.0, dora=True)], 4),
+    ([IA3Block(method="ia3"), BitFitBlock(method="bitfit")], 4),
+    ([AdapterBlock(method="adapter", bottleneck_size=8), LoRABlock(method="lora", r=4, alpha=8, dropout=0.0,
+                                                                   target_modules=["q_proj", "v_proj"])], 4),
+], ids=["lora-nf4", "lora-int8", "dora", "ia3+bitfit", "adapter+lora"])
+def test_traced_blocks_give_exactly_the_eager_gradients(llama_dir, blocks, bits):
+    """The captured graph run by eager kernels: the same operators in the same order, so the loss and every
+    gradient equal eager's exactly, with checkpointing (the checkpoint traced into the graph) and for each
+    method that lives inside the blocks. LoRA's blocks trace without a graph break. One exception: an 8-bit
+    CPU layer fed fewer tokens than its inputs applies its row scale to the product in eager code
+    (`quantization._int8_row_scale`) and to the weight in a graph; that moves one rounding, so there the
+    gradients agree to 1e-5."""
+    (eager_loss, eager, _), (loss, grads, _) = _pair(llama_dir, blocks, True, bits=bits)
+    if bits == 8:
+        assert abs(loss - eager_loss) < 1e-6 * abs(eager_loss) and _worst(eager, grads) < 1e-5
+    else:
+        assert loss == eager_loss
+        assert all(torch.equal(eager[k], grads[k]) for k in eager), _worst(eager, grads)
+    if blocks is LORA:
+        assert not counters["graph_break"]
+
+
+def test_bf16_blocks_are_as_close_to_fp32_as_eager_bf16(llama_dir, monkeypatch):
+    """bf16 compute under autocast (the GPU's usual setting), inductor: bf16 gradients differ from fp32 ones by
+    bf16's rounding however they are computed, so both bf16 runs are measured against the fp32 eager model: the
+    compiled blocks' largest gradient error is at most 1.5× eager bf16's (fused kernels round no more often),
+    and its loss as close."""
+    monkeypatch.setattr(compiled, "BACKEND", "inductor")
+    monkeypatch.setattr(compiled, "_configure", _eager_random(compiled._configure))
+    model, params = _model(llama_dir, LORA)
+    enable_checkpointing(model)
+    ref_loss, ref = _step(model, params)
+    (eager_loss, eager, _), (loss, grads, _) = _pair(llama_dir, LORA, True, dtype="bfloat16", precision="bf16")
+    print(f"worst gradient error against fp32: eager bf16 {_worst(ref, eager):.4f}, compiled {_worst(ref, grads):.4f}")
+    assert _worst(ref, grads) < 1.5 * _worst(ref, eager)
+    assert abs(loss - ref_loss) < 1.5 * abs(eager_loss - ref_loss) + 1e-4
+
+
+def test_offloaded_checkpoints_keep_the_compiled_blocks_inputs_on_the_host(llama_dir):
+    """Offload wraps the compiled block: the inputs it keeps go through the offload (on CPU a copy), and the
+    gradients equal the uncompiled offloaded run's exactly."""
+    (eager_loss, eager, held_eager), (loss, grads, held) = _pair(llama_dir, LORA, True, offload=True, steps=1)
+    assert loss == eager_loss
+    assert all(torch.equal(eager[k], grads[k]) for k in eager)
+    assert held.stats["offloaded"] == held_eager.stats["offloaded"] > 0
+
+
+def test_evaluation_and_generation_run_the_plain_forward(llama_dir):
+    """Only training forwards compile: evaluation (no gradients) and generation (a KV cache whose per-layer
+    index would make a graph per layer) run the blocks' plain forward, and compile nothing."""
+    for checkpointing in (True, False):
+        torch._dynamo.reset()
+        counters.clear()
+        model, params = _model(llama_dir, LORA)
+        if checkpointing:
+            enable_checkpointing(model)
+        compiled.compile_blocks(model)
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 6, 7]]))
+            model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, use_cache=True)
+        model.train()
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 6, 7]]))
+        assert not counters["stats"], checkpointing
+        _step(model, params)
+        assert counters["stats"]["unique_graphs"] == 2
+        compiled.uncompile_blocks(model)
+        assert all("forward" not in vars(layer) and not compiled.runs_compiled(layer, {})
+                   for layer in model.model.layers)
+
+
+def test_batches_of_other_lengths_reuse_one_symbolic_graph(llama_dir):
+    """Batches are padded to their own longest row, so lengths vary: the second length makes the length
+    symbolic (two more graphs, one per input signature), and further lengths compile nothing."""
+    model, params = _model(llama_dir, LORA)
+    enable_checkpointing(model)
+    compiled.compile_blocks(model)
+    graphs = []
+    for length in (24, 31, 40, 17, 55):
+        _step(model, params, length=length)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [2, 4, 4, 4, 4]
+
+
+def _cfg(**training):
+    return validate_config({"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "training": training,
+                            "peft": [{"method": "lora"}]})
+
+
+@pytest.mark.parametrize("device,training,sharded,expected", [
+    ("cuda", {}, False, True),
+    ("cpu", {}, False, False),
+    ("cuda", {"mlp_chunk_tokens": 2048}, False, False),  # the savers' auto decided a tiled MLP
+    ("cuda", {}, True, False),
+    ("cuda", {"fused_ops": True}, False, False),
+    ("cpu", {"compile": True}, False, True),
+    ("cuda", {"compile": True, "mlp_chunk_tokens": "auto"}, False, True),
+    ("cuda", {"compile": False}, False, False),
+])
+def test_auto_compiles_on_a_gpu_where_nothing_stops_it(device, training, sharded, expected):
+    cfg = _cfg(**training)
+    fused_auto = cfg.training.fused_ops == "auto"
+    said = []
+    decided = compiled.decide(cfg, device, sharded, fused_auto, said.append).training
+    assert decided.compile is expected
+    assert decided.fused_ops is (False if expected and fused_auto else cfg.training.fused_ops)
+
+
+def test_compile_forced_but_tiled_by_auto_says_why_it_is_off():
+    cfg = _cfg(compile=True)
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"mlp_chunk_tokens": 4096})})
+    said = []
+    assert compiled.decide(cfg, "cuda", False, True, said.append).training.compile is False
+    assert "compile off" in said[0] and "4096" in said[0]
+
+
+@pytest.mark.parametrize("training,names", [
+    ({"compile": True, "fused_ops": True}, "training.fused_ops: true"),
+    ({"compile": True, "mlp_chunk_tokens": 512}, "mlp_chunk_tokens: 512"),
+])
+def test_config_refuses_compile_with_what_cannot_be_compiled(training, names):
+    with pytest.raises(QTrainError) as e:
+        _cfg(**training)
+    assert names in str(e.value) and "training.compile" in str(e.value)
+
+
+def test_a_compiled_run_trains_records_and_resumes_its_decision(tmp_path, llama_dir, dates_file, capsys):
+    """`qtrain run` with compile: true on the CPU: said, recorded in summary.json, the loss falls; resumed
+    under `auto` (which is off on a CPU) from its checkpoint it keeps compiling (a changed compile would be
+    refused as a change of the maths)."""
+    cfg = write_config(tmp_path, llama_dir, dates_file, data={"train": str(dates_file), "max_seq_len": 64},
+                       peft=[{"method": "lora", "r": 4, "alpha": 8}],
+                       training={"max_steps": 6, "micro_batch_size": 2, "compile": True, "save_every": 3,
+                                 "learning_rate": 3e-3})
+    assert main(["run", str(cfg)]) == 0
+    assert "compile on" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["compile"] is True and summary["fused_ops"] is False
+    assert summary["final_loss"] < summary["first_loss"]
+    raw = yaml.safe_load(cfg.read_text())
+    raw["training"]["compile"] = "auto"
+    cfg.write_text(yaml.safe_dump(raw))
+    step3 = tmp_path / "run" / "checkpoints" / "step-3"
+    assert main(["run", str(cfg), f"--resume={step3}"]) == 0
+    assert "compile on" in capsys.readouterr().out
