@@ -45,16 +45,17 @@ SHAPES = {  # name: LlamaConfig arguments (vocab comes from the tokenizer for "t
                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
 }
 # (label, shape, micro-batch, sequence, checkpointing, systems)
-# "qtrain-unfused": qtrain with training.fused_ops false (transformers' RMSNorm and silu·up), to show what the
-# fused ops (Triton kernels on a GPU) buy where the fixed cost per step shows
+# "qtrain" is the default: on a GPU `training.compile: auto` compiles the decoder blocks. "qtrain-eager": compile
+# off, fused ops on (Triton kernels), the default before compiled blocks; "qtrain-unfused": neither (transformers'
+# RMSNorm and silu·up). They show what each buys where the fixed cost per step shows.
 GRID = [
-    ("135M 4x512", "smol", 4, 512, True, ("qtrain", "peft+prepare", "peft", "qtrain-unfused")),
+    ("135M 4x512", "smol", 4, 512, True, ("qtrain", "peft+prepare", "peft", "qtrain-eager", "qtrain-unfused")),
     ("135M 4x512 no-ckpt", "smol", 4, 512, False, ("qtrain",)),
-    ("8B 1x2048", "l3-8b", 1, 2048, True, ("qtrain", "peft+prepare", "peft", "qtrain-unfused")),
+    ("8B 1x2048", "l3-8b", 1, 2048, True, ("qtrain", "peft+prepare", "peft", "qtrain-eager")),
     ("8B 1x2048 no-ckpt", "l3-8b", 1, 2048, False, ("qtrain",)),
     ("8B 4x2048", "l3-8b", 4, 2048, True, ("qtrain", "peft+prepare", "peft")),
 ]
-SMOKE_GRID = [("tiny 2x64", "tiny", 2, 64, True, ("qtrain", "peft+prepare", "peft", "qtrain-unfused")),
+SMOKE_GRID = [("tiny 2x64", "tiny", 2, 64, True, ("qtrain", "peft+prepare", "peft", "qtrain-eager", "qtrain-unfused")),
               ("tiny 2x64 no-ckpt", "tiny", 2, 64, False, ("qtrain",))]
 RANK = 16
 
@@ -216,6 +217,7 @@ def child_qtrain(config: str) -> None:
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     print(json.dumps({"rc": rc, "step_times": [round(b - a, 4) for a, b in zip(elapsed, elapsed[1:])],
                       "losses": [r["loss"] for r in steps], "fused_ops": summary.get("fused_ops_backend"),
+                      "compile": summary.get("compile"), "first_step_s": elapsed[0] if elapsed else None,
                       **peaks(torch)}))
 
 
@@ -279,7 +281,7 @@ data: {{train: {data}, format: text, max_seq_len: {seq}}}
 eval: {{before_training: false, exact_match: false}}
 training: {{micro_batch_size: {batch}, gradient_accumulation_steps: 1, max_steps: {steps}, learning_rate: 0.0002,
            lr_scheduler: constant, optimizer: paged_adamw_8bit, gradient_checkpointing: {ckpt}, seed: 0,
-           log_every: 1, save_every: 1000, fused_ops: {fused}}}
+           log_every: 1, save_every: 1000, fused_ops: {fused}, compile: {compile}}}
 logging: {{progress: false}}
 output: {{dir: {out}}}
 """
@@ -367,7 +369,8 @@ def run(args) -> int:
                 cfg.write_text(CONFIG.format(model=work / shape, dtype="bfloat16" if cuda else "float32",
                                              rank=RANK, alpha=2 * RANK, data=data, seq=seq, batch=batch,
                                              steps=steps, ckpt=str(ckpt).lower(), out=work / "runs" / name,
-                                             fused="false" if system == "qtrain-unfused" else "auto"))
+                                             fused="false" if system == "qtrain-unfused" else "auto",
+                                             compile="auto" if system == "qtrain" else "false"))
                 shutil.rmtree(work / "runs" / name, ignore_errors=True)
                 r = child(["child-qtrain", str(cfg)], min(left, args.timeout), log)
                 r["planned_allocated_mib"] = planned_allocated_mib(cfg)
@@ -398,6 +401,9 @@ def summarise(r: dict, tokens: int, n_matmul: int, tflops: float) -> dict:
            "mfu": round(6 * n_matmul * tokens / s / (tflops * 1e12), 3)}
     if "fused_ops" in r:
         out["fused_ops"] = r["fused_ops"]  # the backend the fused ops ran on ("triton", "torch"), or None: off
+    for k in ("compile", "first_step_s"):  # compiled blocks; the first step's seconds (compiling them)
+        if k in r:
+            out[k] = r[k]
     for k in ("peak_allocated_mib", "peak_reserved_mib", "peak_rss_mib", "planned_allocated_mib"):
         if r.get(k) is not None:
             out[k] = round(r[k], 1)
@@ -411,7 +417,9 @@ def line(r: dict) -> str:
         return "FAILED " + r["error"]
     mem = r.get("peak_allocated_mib", r.get("peak_rss_mib"))
     plan = f"  plan {r['planner_error']:+.1%}" if "planner_error" in r else ""
-    return f"{r['s_per_step']:.3f} s/step {r['tokens_per_s']:>8} tok/s  peak {mem:,.0f} MiB  MFU {r['mfu']:.1%}{plan}"
+    first = f"  first step {r['first_step_s']:.1f} s" if r.get("first_step_s") is not None else ""
+    return (f"{r['s_per_step']:.3f} s/step {r['tokens_per_s']:>8} tok/s  peak {mem:,.0f} MiB  MFU {r['mfu']:.1%}"
+            f"{plan}{first}")
 
 
 def table(result: dict) -> str:

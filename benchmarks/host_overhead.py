@@ -9,11 +9,18 @@ by side, alternating, in one process.
 
     python benchmarks/host_overhead.py [--layers 32] [--steps 20] [--profile]
     python benchmarks/host_overhead.py --fused    # also qtrain with training.fused_ops on its Triton path
+    python benchmarks/host_overhead.py --compiled # also qtrain with training.compile (inductor, C++ on a CPU)
 
 `--fused` counts what a GPU step would launch with the fused RMSNorm/SwiGLU kernels: the Triton kernels run on
 the CPU under Triton's interpreter (this sets TRITON_INTERPRET=1 before anything imports Triton), each call
 counted as one launch and the interpreter's own work inside it not counted; the interpreter is slow, so that
 run's host time is not measured.
+
+`--compiled` adds qtrain with its decoder blocks through torch.compile (`training.compile`), timed beside the
+others after its compile (reported). Its operators are not counted: a
+compiled block's operators run inside generated code (C++ loops on a CPU, Triton kernels on a GPU), and dynamo
+stops using a compiled frame once it has met the dispatch mode that counts. The host time per step is the
+comparable figure.
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ def count_launches(mode: Ops) -> None:
         setattr(triton_kernels, name, launch)
 
 
-def qtrain_step(folder: Path, tokens: int, fused: bool = False):
+def qtrain_step(folder: Path, tokens: int, fused: bool = False, compiled: bool = False):
     from accelerate import Accelerator
 
     from qtrain.config import ModelSection, QuantizationSection, TrainingSection
@@ -88,6 +95,10 @@ def qtrain_step(folder: Path, tokens: int, fused: bool = False):
         assert backend_name(torch.device("cpu")) == "triton", "the Triton path needs triton installed"
         enable_fused_ops(loaded.model)
     enable_checkpointing(loaded.model)
+    if compiled:
+        from qtrain.compiled import compile_blocks
+
+        compile_blocks(loaded.model)
     model, acc = loaded.model.train(), Accelerator(cpu=True)
     opt = make_optimizer([{"params": params, "lr": 1e-4}], TrainingSection())
     ids = torch.randint(0, 300, (1, tokens))
@@ -132,6 +143,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile qtrain's step: where the host time goes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the operators are tiny; "
                     "more threads measure OpenMP's wake-ups, not dispatch)")
+    ap.add_argument("--compiled", action="store_true", help="also qtrain with training.compile (timed)")
     ap.add_argument("--fused", action="store_true", help="also count a step with training.fused_ops on its Triton "
                     "path (kernels under Triton's interpreter: counted, not timed)")
     a = ap.parse_args()
@@ -142,7 +154,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_llama_folder(Path(tmp) / "deep", tie=False, layers=a.layers, hidden=64)
         steps = {"qtrain": qtrain_step(folder, a.tokens), "peft": peft_step(folder, a.tokens)}
-        counted = {**steps, **({"qtrain fused (Triton)": qtrain_step(folder, a.tokens, fused=True)} if a.fused else {})}
+        if a.compiled:
+            steps["qtrain compiled"] = qtrain_step(folder, a.tokens, compiled=True)
+            t0 = time.perf_counter()
+            steps["qtrain compiled"]()  # compiles the blocks (two graphs: the first block's input needs no grad)
+            print(f"qtrain compiled: first step (compiling) {time.perf_counter() - t0:.1f} s")
+        # not the compiled step: dynamo stops running a compiled frame once it has met a dispatch mode
+        counted = {k: v for k, v in steps.items() if k != "qtrain compiled"}
+        if a.fused:
+            counted["qtrain fused (Triton)"] = qtrain_step(folder, a.tokens, fused=True)
         for name, step in counted.items():
             step()  # warm-up
             mode = Ops()
@@ -164,9 +184,12 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         for k, v in med.items():
-            print(f"{k:7s} host time per step: {v * 1e3:7.1f} ms (median of {a.steps}; "
+            print(f"{k:15s} host time per step: {v * 1e3:7.1f} ms (median of {a.steps}; "
                   f"{v * 1e6 / a.layers:.0f} µs per layer)")
         print(f"peft / qtrain: {med['peft'] / med['qtrain']:.2f}x")
+        if a.compiled:
+            print(f"peft / qtrain compiled: {med['peft'] / med['qtrain compiled']:.2f}x, qtrain / qtrain compiled: "
+                  f"{med['qtrain'] / med['qtrain compiled']:.2f}x")
         if a.profile:
             import cProfile
             import pstats
