@@ -163,6 +163,7 @@ def build_qtrain(bits: int, dtype_name: str, mb: int, seq: int, checkpointing: b
     import torch
     from accelerate import Accelerator
 
+    from qtrain.memory import loss_chunk_tokens
     from qtrain.methods import build_methods
     from qtrain.modeling import enable_checkpointing, load_model
     from qtrain.train import accumulate_gradients, make_optimizer
@@ -179,8 +180,10 @@ def build_qtrain(bits: int, dtype_name: str, mb: int, seq: int, checkpointing: b
     model.train()
     optimizer = make_optimizer([{"params": list(params.values()), "lr": LR}], cfg.training)
 
+    chunk = loss_chunk_tokens(cfg.training.loss_chunk_size, "cpu", 0)
+
     def step(batch: dict) -> float:
-        loss, _ = accumulate_gradients(model, [batch], accelerator, cfg.training.loss_chunk_size)
+        loss, _ = accumulate_gradients(model, [batch], accelerator, chunk)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -228,13 +231,13 @@ def worker(system: str, bits: int, seq: int, mb: int, dtype_name: str, warmup: i
 
 def floor_bytes(bits: int, seq: int, mb: int, dtype_name: str) -> int:
     """The physical floor of a grid point (module docstring), from the model's config alone."""
-    from qtrain.memory import estimate, setup_from_config
+    from qtrain.memory import estimate, loss_chunk_tokens, setup_from_config
 
     cfg = qtrain_config(bits, dtype_name, mb, seq)
     model_cfg = json.loads((model_dir() / "config.json").read_text())
     est = estimate(setup_from_config(cfg, model_cfg, device="cpu"))
     c, d = est.components, est.details
-    chunk = min(cfg.training.loss_chunk_size, mb * (seq - 1))
+    chunk = min(loss_chunk_tokens(cfg.training.loss_chunk_size, "cpu", 0), mb * (seq - 1))
     return (c["quantized_weights"] + c["other_weights"] + 4 * d["trainable_parameter_count"] * 4
             + model_cfg["num_hidden_layers"] * d["activations_per_layer_checkpointed"] + d["activations_per_layer"]
             + chunk * model_cfg["vocab_size"] * 4)

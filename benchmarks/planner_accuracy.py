@@ -170,6 +170,7 @@ def measure(index: int) -> dict:
     import torch
     from accelerate import Accelerator
 
+    from qtrain.memory import loss_chunk_tokens
     from qtrain.methods import build_methods
     from qtrain.modeling import load_model, resolve_compute_dtype
     from qtrain.planner import estimate, read_model_config, setup_from_config
@@ -214,7 +215,8 @@ def measure(index: int) -> dict:
         for t in existing_tensors(model, optimizer):
             tracker.add(t)
         for _ in range(2):
-            accumulate_gradients(model, [batch()], accelerator, cfg.training.loss_chunk_size)
+            accumulate_gradients(model, [batch()], accelerator, loss_chunk_tokens(cfg.training.loss_chunk_size, device,
+                                                                                   model.config.vocab_size))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     measured = torch.cuda.max_memory_allocated() if device == "cuda" else tracker.peak

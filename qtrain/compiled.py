@@ -19,10 +19,10 @@ checkpoints still wrap the block: the inputs the compiled function keeps go to t
 
 One graph per block class and input signature (the first block's input needs no gradient: two graphs for a
 Llama); the first new sequence length turns the length into a symbol, so a run whose batches vary in length
-compiles at most twice that (tested), not once per length. Evaluation and generation run the plain forward: they are not compiled (generation's growing length
-would recompile every token). Not combined with the tiled MLP or fused ops (`qtrain.tiling`, `qtrain.fused`):
-their autograd functions re-enter autograd and cannot be traced, so a block holding one would run uncompiled;
-the compiler fuses the norm and silu·up itself.
+compiles at most twice that (tested), not once per length. Evaluation and generation run the plain forward:
+they are not compiled (generation's growing length would recompile every token). Not combined with the tiled
+MLP or fused ops (`qtrain.tiling`, `qtrain.fused`): their autograd functions re-enter autograd and cannot be
+traced, so a block holding one would run uncompiled; the compiler fuses the norm and silu·up itself.
 
 Blocks are switched like the other switches (`qtrain.tiling`): a flag on each decoder layer instance, read by
 qtrain's checkpoint function, and, without checkpointing, the instance's own `forward`.

@@ -124,11 +124,16 @@ def score_model(model: nn.Module, tokenizer, cfg: RunConfig, device: torch.devic
                 pairs: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Task and general-text metrics of `model`, computed the same way for the base and the trained model."""
     # the training micro-batch and loss chunk: scoring must not need more memory than the training it brackets
+    # (`qtrain eval` reads the config as written, where either may still be `auto`)
+    from qtrain.memory import loss_chunk_tokens
+
     t = cfg.training
+    micro = t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1
+    chunk = loss_chunk_tokens(t.loss_chunk_size, device.type, model.config.vocab_size)
     out: dict[str, Any] = {"reference_perplexity": reference_perplexity(
-        model, tokenizer, device, micro_batch_size=t.micro_batch_size, chunk_size=t.loss_chunk_size)}
+        model, tokenizer, device, micro_batch_size=micro, chunk_size=chunk)}
     if eval_set is not None:
-        out.update(eval_loss(model, eval_set, t.micro_batch_size, tokenizer.pad_token_id, t.loss_chunk_size, device))
+        out.update(eval_loss(model, eval_set, micro, tokenizer.pad_token_id, chunk, device))
     if pairs:
         em = exact_match(model, tokenizer, pairs, cfg.eval.max_new_tokens, device)
         out.update(exact_match=em["exact_match"], exact_match_n=em["n"], samples=em["samples"])

@@ -244,6 +244,23 @@ def _layer_transients_per_token(s: Setup) -> tuple[float, float, float]:
     return mlp, norm, inter_t
 
 
+LOSS_CHUNK_CPU = 128  # `loss_chunk_size: auto` on CPU (config docstring), and what the savers fall back to
+LOSS_CHUNK_LOGITS = 256 * MiB  # `auto` on a GPU: the fp32 logits of one chunk at most this large
+LOSS_CHUNK_MAX = 2048
+
+
+def loss_chunk_tokens(value: int | str, device: str, vocab: int) -> int:
+    """`training.loss_chunk_size` as a number: itself, or what `auto` is for `device` and a `vocab`-sized head."""
+    if value != "auto":
+        return int(value)
+    if device != "cuda":
+        return LOSS_CHUNK_CPU
+    chunk = LOSS_CHUNK_CPU
+    while chunk * 2 <= LOSS_CHUNK_MAX and chunk * 2 * vocab * 4 <= LOSS_CHUNK_LOGITS:
+        chunk *= 2
+    return chunk
+
+
 FUSED_CHUNK_ELEMENTS = 1 << 20  # the fused norm's chunk on its plain path (qtrain.fused): 4 MiB per fp32 temporary
 
 
@@ -410,19 +427,22 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
                       micro_batch: int | None = None, shards: int = 1) -> Setup:
     """The planner's view of a run. `device` decides `compute_dtype: auto` (bf16/fp16 on GPU, fp32 on CPU);
     `gradient_checkpointing: auto` counts as on until `qtrain.planner.auto_checkpointing` decides it;
-    `fused_ops: auto` as on for a GPU (where it always is) and off for a CPU; the
+    `fused_ops: auto` as on for a GPU (where it always is) and off for a CPU; `loss_chunk_size: auto` as the
+    device's chunk (`loss_chunk_tokens`); the
     `auto` of `activation_offload`, `mlp_chunk_tokens` and `embeddings_on_host` as off until
     `qtrain.savers.auto_memory_savers` decides them; `shards`: the devices an FSDP run shards over (1: every
     device holds everything)."""
     q, t = cfg.quantization, cfg.training
     compute = q.compute_dtype if q.compute_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     mb = micro_batch or (t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1)
+    arch = Arch.from_config(model_cfg)
     return Setup(
-        arch=Arch.from_config(model_cfg), blocks=tuple(cfg.peft), bits=None if q.bits == "none" else int(q.bits),
+        arch=arch, blocks=tuple(cfg.peft), bits=None if q.bits == "none" else int(q.bits),
         double_quant=q.double_quant, blocksize=q.blocksize, skip_modules=tuple(q.skip_modules),
         compute_bytes=DTYPE_BYTES[compute], micro_batch=mb,
         seq_len=cfg.data.max_seq_len, checkpointing=t.gradient_checkpointing is not False, optimizer=t.optimizer,
-        attention=cfg.model.attn_implementation, loss_chunk=t.loss_chunk_size, device=device, shards=shards,
+        attention=cfg.model.attn_implementation, loss_chunk=loss_chunk_tokens(t.loss_chunk_size, device, arch.vocab),
+        device=device, shards=shards,
         offload=t.activation_offload is True, host_embeddings=cfg.model.embeddings_on_host is True,
         fused=t.fused_ops is True or (t.fused_ops == "auto" and device == "cuda"),  # as auto_memory_savers decides
         mlp_chunk=t.mlp_chunk_tokens if isinstance(t.mlp_chunk_tokens, int) else None,

@@ -194,7 +194,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": decided})})
         say(f"qtrain: gradient_checkpointing auto → {'on' if decided else 'off'}, as in the checkpoint resumed")
     # chunking reassociates gradient sums; Triton and the compiler round their own ways
-    for key in ("mlp_chunk_tokens", "fused_ops", "compile"):
+    for key in ("mlp_chunk_tokens", "fused_ops", "compile", "loss_chunk_size"):
         if getattr(cfg.training, key) == "auto" and saved.get(key, "auto") != "auto":
             cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={key: saved[key]})})
     split = {k: saved.get(k) for k in ("micro_batch_size", "gradient_accumulation_steps")}

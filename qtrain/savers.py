@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from qtrain.config import RunConfig
 from qtrain.gpus import fmt_bytes
-from qtrain.memory import Setup, estimate
+from qtrain.memory import LOSS_CHUNK_CPU, Setup, estimate
 
 
 AUTO_MLP_CHUNK = 4096  # tokens per chunk of `mlp_chunk_tokens: auto` (a 4096 x 4096 x 14336 GEMM stays efficient)
@@ -27,7 +27,8 @@ def autos(cfg: RunConfig) -> set[str]:
     t = cfg.training
     return {name for name, value in (("embeddings_on_host", cfg.model.embeddings_on_host),
                                      ("fused_ops", t.fused_ops), ("mlp_chunk_tokens", t.mlp_chunk_tokens),
-                                     ("activation_offload", t.activation_offload)) if value == "auto"}
+                                     ("activation_offload", t.activation_offload),
+                                     ("loss_chunk_size", t.loss_chunk_size)) if value == "auto"}
 
 
 def can_host_embeddings(s: Setup) -> bool:
@@ -46,8 +47,11 @@ def auto_memory_savers(s: Setup, budget: int, auto: set[str]) -> Setup:
     tiled MLP that offload made unnecessary is turned off again, and one that is not enough even with offload
     gets smaller chunks (2048, then 1024 tokens: a chunk's insides are ~150 KiB per token on Llama-3-8B, and
     GEMMs of 1024 tokens still run near a GPU's rate). On CPU the host is the device: neither host option
-    applies; fused ops (which cost a recompute there) and the tiled MLP are the savers left."""
+    applies; fused ops (which cost a recompute there) and the tiled MLP are the savers left. Before all of
+    them, a GPU's larger loss chunk (`loss_chunk_size: auto`) goes back to the CPU's 128 tokens."""
     fits = lambda x: estimate(x).peak <= budget  # noqa: E731
+    if "loss_chunk_size" in auto and s.loss_chunk > LOSS_CHUNK_CPU and not fits(s):
+        s = replace(s, loss_chunk=LOSS_CHUNK_CPU)
     if "fused_ops" in auto and (s.device == "cuda" or not fits(s)):
         s = replace(s, fused=True)
     if "embeddings_on_host" in auto and can_host_embeddings(s) and (
@@ -73,24 +77,28 @@ def without_savers(s: Setup) -> Setup:
 
 def with_savers(s: Setup) -> Setup:
     return replace(s, host_embeddings=s.host_embeddings or can_host_embeddings(s), fused=True,
+                   loss_chunk=min(s.loss_chunk, LOSS_CHUNK_CPU),
                    mlp_chunk=s.mlp_chunk or SMALLER_MLP_CHUNKS[-1], offload=s.checkpointing and s.device == "cuda")
 
 
 def resolve(cfg: RunConfig, s: Setup, limit: int, auto: set[str], limit_text: str,
                            say) -> RunConfig:
     """`cfg` with the `auto` memory savers decided (`auto_memory_savers`), each decision said (`qtrain run`)."""
-    before = estimate(s).peak
+    before, device_chunk = estimate(s).peak, s.loss_chunk
     s = auto_memory_savers(s, limit, auto)
     t, m = cfg.training, cfg.model
     decided = {"embeddings_on_host": s.host_embeddings, "mlp_chunk_tokens": s.mlp_chunk,
-               "activation_offload": s.offload and s.checkpointing, "fused_ops": s.fused}
+               "activation_offload": s.offload and s.checkpointing, "fused_ops": s.fused,
+               "loss_chunk_size": s.loss_chunk}
     training = {k: v for k, v in decided.items() if k in auto and k != "embeddings_on_host"}
     cfg = cfg.model_copy(update={"training": t.model_copy(update=training), "model": m.model_copy(
         update={k: v for k, v in decided.items() if k in auto and k == "embeddings_on_host"})})
-    if not any(decided[k] for k in auto):
+    smaller_chunk = "loss_chunk_size" in auto and s.loss_chunk != device_chunk  # the device's own chunk is no news
+    said = sorted(k for k in auto if k != "loss_chunk_size" or smaller_chunk)
+    if not smaller_chunk and not any(decided[k] for k in said):
         return cfg  # the usual case (everything fits): nothing to say, full speed
     shown = {True: "on", False: "off", None: "off"}
-    say("qtrain: memory savers auto → " + ", ".join(f"{k} {shown.get(decided[k], decided[k])}" for k in sorted(auto))
+    say("qtrain: memory savers auto → " + ", ".join(f"{k} {shown.get(decided[k], decided[k])}" for k in said)
         + f" (predicted peak {fmt_bytes(before)} without them, {fmt_bytes(estimate(s).peak)} with these, "
           f"{limit_text})")
     return cfg

@@ -26,6 +26,7 @@ from torch import nn
 from qtrain.checkpoint import Checkpointer, Progress
 from qtrain.config import TrainingSection
 from qtrain.errors import QTrainError
+from qtrain.memory import loss_chunk_tokens
 from qtrain.methods import prepare_inputs
 from qtrain.numerics import count_targets, token_loss_sum
 from qtrain.quantization import make_optimizer_class
@@ -201,6 +202,9 @@ def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict
     params = [p for g in groups for p in g["params"]]
     accum = cfg.gradient_accumulation_steps
     device = accelerator.device
+    # `qtrain run` has decided an `auto` chunk already (the savers may have made it smaller); else the device's
+    chunk = loss_chunk_tokens(cfg.loss_chunk_size, device.type,
+                              extract_model_from_parallel(model).get_output_embeddings().weight.shape[0])
     scaler = getattr(accelerator, "scaler", None)
     done = checkpoints.restore(optimizer, batches, scaler) if checkpoints else Progress()
     model.train()
@@ -214,7 +218,7 @@ def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict
             group["lr"] = peak * factor
 
         micro = [next(batches) for _ in range(accum)]  # on the host; step_gradients moves them
-        loss_sum, n_targets = step_gradients(model, micro, accelerator, cfg.loss_chunk_size)
+        loss_sum, n_targets = step_gradients(model, micro, accelerator, chunk)
         # the step's one read of the device: whether to apply it depends on these
         loss_sum, n_targets, grad_norm = read_on_host(loss_sum, n_targets,
                                                       grad_norm_of(params, cfg.max_grad_norm, accelerator))

@@ -310,7 +310,8 @@ def test_auto_turns_the_savers_on_only_when_the_run_would_not_fit(tmp_path, date
     from qtrain.savers import auto_memory_savers, autos
 
     cfg = _plan_cfg(tmp_path, dates_file, seq)
-    assert autos(cfg) == {"fused_ops", "embeddings_on_host", "mlp_chunk_tokens", "activation_offload"}  # defaults
+    assert autos(cfg) == {"fused_ops", "embeddings_on_host", "mlp_chunk_tokens", "activation_offload",
+                          "loss_chunk_size"}  # defaults
     budget = int(23.5 * GiB)
     s = auto_memory_savers(setup_from_config(cfg, L3_8B, "cuda"), budget, autos(cfg))
     assert s.fused and {"embeddings_on_host": s.host_embeddings, "mlp_chunk_tokens": s.mlp_chunk,
@@ -401,3 +402,37 @@ def test_config_checks_of_the_memory_savers():
         TrainingSection(mlp_chunk_tokens=0)
     t = TrainingSection()
     assert (t.activation_offload, t.mlp_chunk_tokens, ModelSection().embeddings_on_host) == ("auto",) * 3
+
+
+@pytest.mark.parametrize("value,device,vocab,expected", [
+    ("auto", "cpu", 128256, 128), ("auto", "cuda", 128256, 512), ("auto", "cuda", 49152, 1024),
+    ("auto", "cuda", 32000, 2048), ("auto", "cuda", 300, 2048), (64, "cuda", 128256, 64),
+])
+def test_loss_chunk_auto_is_the_devices(value, device, vocab, expected):
+    """`loss_chunk_size: auto`: the CPU's measured 128; on a GPU the largest power of two up to 2048 whose fp32
+    logits fit 256 MiB; a number is itself."""
+    from qtrain.memory import loss_chunk_tokens
+
+    assert loss_chunk_tokens(value, device, vocab) == expected
+
+
+def test_a_gpu_loss_chunk_goes_back_to_128_only_when_the_run_would_not_fit(tmp_path, dates_file):
+    """Llama-3-8B shapes at 512 tokens on a GPU, where the loss's logits are the peak: the 512-token chunk is kept
+    when the run fits, and is the first thing `auto` gives back (before any other saver) when it does not;
+    `qtrain run`'s resolve says so. The planner counts the chunk's logits (a bigger chunk, a bigger peak)."""
+    from qtrain.memory import estimate, setup_from_config
+    from qtrain.savers import auto_memory_savers, autos, resolve
+
+    cfg = _plan_cfg(tmp_path, dates_file, 512)
+    s = setup_from_config(cfg, L3_8B, "cuda")
+    small = replace(s, loss_chunk=128)
+    assert s.loss_chunk == 512 and estimate(s).peak > estimate(small).peak
+    assert auto_memory_savers(s, estimate(s).peak, autos(cfg)).loss_chunk == 512
+    tight = auto_memory_savers(s, estimate(small).peak, autos(cfg))
+    assert tight.loss_chunk == 128 and not tight.offload and tight.mlp_chunk is None
+    said = []
+    resolved = resolve(cfg, s, estimate(small).peak, autos(cfg), "budget", said.append)
+    assert resolved.training.loss_chunk_size == 128 and "loss_chunk_size 128" in said[0]
+    said.clear()
+    assert resolve(cfg, s, estimate(s).peak, autos(cfg), "budget", said.append).training.loss_chunk_size == 512
+    assert "loss_chunk_size" not in said[0]  # the device's own chunk is no news (host embeddings are said)

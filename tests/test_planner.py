@@ -19,7 +19,7 @@ from qtrain.arch import Arch
 from qtrain.cli import main
 from qtrain.config import TrainingSection, load_config
 from qtrain.gpus import GPUS, fmt_bytes, parse_bytes
-from qtrain.memory import estimate, quantized_linear_bytes, setup_from_config
+from qtrain.memory import estimate, loss_chunk_tokens, quantized_linear_bytes, setup_from_config
 from qtrain.planner import (auto_checkpointing, auto_micro_batch, check_before_loading, largest_micro_batch,
                             longest_sequence, make_plan, render, suggestions)
 from tests.conftest import write_config
@@ -84,7 +84,7 @@ def _saved_and_predicted(tmp_path, model_dir, dates_file, micro_batch=3, **secti
     for method in build_methods(cfg.peft):
         method.attach(model)
     predicted = estimate(setup_from_config(cfg, _model_cfg(model_dir), device="cpu")).components["activations"]
-    return saved_bytes(model, cfg.training.loss_chunk_size, micro_batch), predicted
+    return saved_bytes(model, loss_chunk_tokens(cfg.training.loss_chunk_size, "cpu", 0), micro_batch), predicted
 
 
 def saved_bytes(model: nn.Module, chunk_size: int, micro_batch: int = 3) -> int:
