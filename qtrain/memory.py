@@ -427,11 +427,10 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
                       micro_batch: int | None = None, shards: int = 1) -> Setup:
     """The planner's view of a run. `device` decides `compute_dtype: auto` (bf16/fp16 on GPU, fp32 on CPU);
     `gradient_checkpointing: auto` counts as on until `qtrain.planner.auto_checkpointing` decides it;
-    `fused_ops: auto` as on for a GPU (where it always is) and off for a CPU; `loss_chunk_size: auto` as the
-    device's chunk (`loss_chunk_tokens`); the
-    `auto` of `activation_offload`, `mlp_chunk_tokens` and `embeddings_on_host` as off until
-    `qtrain.savers.auto_memory_savers` decides them; `shards`: the devices an FSDP run shards over (1: every
-    device holds everything)."""
+    `fused_ops: auto` as on for a GPU (where it always is) and off for a CPU, and on under `compile: true`;
+    `loss_chunk_size: auto` as the device's chunk (`loss_chunk_tokens`); the `auto` of `activation_offload`,
+    `mlp_chunk_tokens` and `embeddings_on_host` as off until `qtrain.savers.auto_memory_savers` decides them;
+    `shards`: the devices an FSDP run shards over (1: every device holds everything)."""
     q, t = cfg.quantization, cfg.training
     compute = q.compute_dtype if q.compute_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     mb = micro_batch or (t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1)
@@ -444,6 +443,8 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
         attention=cfg.model.attn_implementation, loss_chunk=loss_chunk_tokens(t.loss_chunk_size, device, arch.vocab),
         device=device, shards=shards,
         offload=t.activation_offload is True, host_embeddings=cfg.model.embeddings_on_host is True,
-        fused=t.fused_ops is True or (t.fused_ops == "auto" and device == "cuda"),  # as auto_memory_savers decides
+        # as auto_memory_savers decides; a compiled block (`qtrain.compiled`) is counted as a fused one: the
+        # compiler fuses the norm and silu·up, keeping no more than the fused functions do
+        fused=t.fused_ops is True or (t.fused_ops == "auto" and device == "cuda") or t.compile is True,
         mlp_chunk=t.mlp_chunk_tokens if isinstance(t.mlp_chunk_tokens, int) else None,
     )

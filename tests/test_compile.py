@@ -299,3 +299,17 @@ def test_a_compiled_run_trains_records_and_resumes_its_decision(tmp_path, llama_
     step3 = tmp_path / "run" / "checkpoints" / "step-3"
     assert main(["run", str(cfg), f"--resume={step3}"]) == 0
     assert "compile on" in capsys.readouterr().out
+
+
+def test_the_planner_counts_a_compiled_block_as_a_fused_one():
+    """After `qtrain run` decides compile on (and an `auto` fused_ops off), the planner's view of the config is
+    still the fused one it planned with: the compiler keeps no more than the fused functions."""
+    from qtrain.memory import setup_from_config
+
+    model_cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+                 "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4, "num_attention_heads": 8,
+                 "num_key_value_heads": 8}
+    cfg = compiled.decide(_cfg(), "cuda", False, True, print)
+    assert cfg.training.compile is True and cfg.training.fused_ops is False
+    assert setup_from_config(cfg, model_cfg, "cuda").fused
+    assert not setup_from_config(_cfg(fused_ops=False), model_cfg, "cuda").fused
