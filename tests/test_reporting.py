@@ -87,6 +87,21 @@ def test_forgetting_lines_show_change():
         "task exact match on data.eval (higher is better): base 50.0% → trained 37.5% (-12.5 pp)"]
 
 
+def test_eval_reads_a_config_whose_micro_batch_and_loss_chunk_are_auto(tiny_model_dir, dates_file, tmp_path):
+    """config.yaml keeps what the user wrote, so `qtrain eval` may meet `auto` there: it scores one row at a time
+    with the device's loss chunk, and gets the run's own numbers (padding changes none)."""
+    from qtrain.evaluate import evaluate_run
+    from qtrain.run import run
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file, data={"eval": str(dates_file)},
+                                   training={"max_steps": 2, "micro_batch_size": "auto"}))
+    assert cfg.training.loss_chunk_size == "auto"
+    summary = run(cfg)
+    report = evaluate_run(cfg.output.dir)
+    assert report["trained"]["eval_perplexity"] == pytest.approx(summary["forgetting"]["trained"]["eval_perplexity"],
+                                                                 rel=1e-5)
+
+
 def test_run_eval_and_report(tiny_model_dir, dates_file, tmp_path):
     from qtrain.evaluate import evaluate_run
     from qtrain.report import write_report
