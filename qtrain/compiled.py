@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from qtrain.errors import QTrainError
 from qtrain.surgery import decoder_layers
 
 if TYPE_CHECKING:
@@ -103,11 +104,26 @@ class _CompiledForward:
         return self.plain(layer, *args, **kwargs)
 
 
-def decide(cfg, device_type: str, sharded: bool, fused_auto: bool, say) -> "RunConfig":
+def probe(device_type: str) -> str | None:
+    """None when torch.compile builds and runs a small kernel and its backward on this device (inductor needs a C
+    compiler on a CPU, Triton's toolchain on a GPU), else what went wrong, in one line."""
+    try:
+        x = torch.arange(8.0, device=device_type, requires_grad=True)
+        torch.compile(lambda t: (t.sin() * 2).sum(), backend=BACKEND, dynamic=False)(x).backward()
+        if not torch.allclose(x.grad, 2 * x.detach().cos()):
+            return "a compiled test kernel computed a wrong gradient"
+    except Exception as e:  # any failure to build or run means the blocks would fail the same way
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    return None
+
+
+def decide(cfg, device_type: str, sharded: bool, fused_auto: bool, say,
+           can_compile: Callable[[str], str | None] = probe) -> "RunConfig":
     """`cfg` with `training.compile` decided: `auto` is on for a CUDA GPU unless the tiled MLP is on (the
     savers' `auto` may have just turned it on), the model is sharded, or `fused_ops` was asked for. A block the
     compiler fuses needs no fused ops, so an `auto` fused_ops goes off under compile (`fused_auto`: the config
-    left it to `auto`; the planner's fused-ops memory stands for the compiled block's, which keeps no more)."""
+    left it to `auto`; the planner counts a compiled block as a fused one). Compiling is tried first on a tiny
+    function (`can_compile`): where it fails, `auto` turns compile off and says why, and `true` is refused."""
     t = cfg.training
     tiled = isinstance(t.mlp_chunk_tokens, int)
     if t.compile == "auto":
@@ -118,6 +134,14 @@ def decide(cfg, device_type: str, sharded: bool, fused_auto: bool, say) -> "RunC
         on = False
     else:
         on = t.compile
+    why = can_compile(device_type) if on else None
+    if why and t.compile is True:
+        raise QTrainError(f"training.compile: true, but torch.compile cannot build kernels on this machine ({why}); "
+                          "install what its backend needs (a C compiler; Triton on a GPU) or set training.compile: "
+                          "false or auto")
+    if why:
+        say(f"qtrain: compile off: torch.compile cannot build kernels here ({why}); the blocks run uncompiled")
+        on = False
     update = {"compile": on}
     if on and fused_auto:
         update["fused_ops"] = False

@@ -151,7 +151,8 @@ class TrainingSection(Section):
     The first step compiles (seconds to a minute). Same gradients to float rounding (tested); dropout masks come
     from the compiler's generator. Not with the tiled MLP or `fused_ops: true` (the compiler fuses the norm and
     silu·up itself). `auto`: on on a CUDA GPU unless the tiled MLP is needed or the model is sharded (FSDP); off
-    on CPU."""
+    on CPU. A tiny function is compiled first: where that fails, `auto` stays off and says why, `true` is
+    refused."""
     seed: int = 42
     log_every: PositiveInt = 1
     eval_every: PositiveInt | None = None

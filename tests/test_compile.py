@@ -257,7 +257,7 @@ def test_auto_compiles_on_a_gpu_where_nothing_stops_it(device, training, sharded
     cfg = _cfg(**training)
     fused_auto = cfg.training.fused_ops == "auto"
     said = []
-    decided = compiled.decide(cfg, device, sharded, fused_auto, said.append).training
+    decided = compiled.decide(cfg, device, sharded, fused_auto, said.append, lambda d: None).training
     assert decided.compile is expected
     assert decided.fused_ops is (False if expected and fused_auto else cfg.training.fused_ops)
 
@@ -266,8 +266,28 @@ def test_compile_forced_but_tiled_by_auto_says_why_it_is_off():
     cfg = _cfg(compile=True)
     cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"mlp_chunk_tokens": 4096})})
     said = []
-    assert compiled.decide(cfg, "cuda", False, True, said.append).training.compile is False
+    assert compiled.decide(cfg, "cuda", False, True, said.append, lambda d: None).training.compile is False
     assert "compile off" in said[0] and "4096" in said[0]
+
+
+def test_where_compiling_fails_auto_says_so_and_true_is_refused(monkeypatch):
+    """The probe compiles a tiny function and its backward for real (inductor builds C++ on this CPU); where that
+    fails (here: the backend made to raise), `auto` keeps the blocks uncompiled and says why, and `true` is a
+    named error instead of a crash at the first step."""
+    monkeypatch.setattr(compiled, "BACKEND", "inductor")
+    assert compiled.probe("cpu") is None
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C compiler found\nmore detail")
+    monkeypatch.setattr(torch, "compile", broken)
+    assert compiled.probe("cpu") == "RuntimeError: no C compiler found"
+    said = []
+    # a GPU's auto, probed on this CPU
+    cfg = compiled.decide(_cfg(), "cuda", False, True, said.append, lambda device: compiled.probe("cpu"))
+    assert cfg.training.compile is False and cfg.training.fused_ops == "auto"
+    assert "compile off" in said[0] and "no C compiler found" in said[0]
+    with pytest.raises(QTrainError, match="training.compile: true, but torch.compile cannot build"):
+        compiled.decide(_cfg(compile=True), "cpu", False, True, said.append)
 
 
 @pytest.mark.parametrize("training,names", [
@@ -309,7 +329,7 @@ def test_the_planner_counts_a_compiled_block_as_a_fused_one():
     model_cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
                  "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4, "num_attention_heads": 8,
                  "num_key_value_heads": 8}
-    cfg = compiled.decide(_cfg(), "cuda", False, True, print)
+    cfg = compiled.decide(_cfg(), "cuda", False, True, print, lambda d: None)
     assert cfg.training.compile is True and cfg.training.fused_ops is False
     assert setup_from_config(cfg, model_cfg, "cuda").fused
     assert not setup_from_config(_cfg(fused_ops=False), model_cfg, "cuda").fused
