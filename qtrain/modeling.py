@@ -351,10 +351,7 @@ def _checkpoint(function, *args, offload=None, **kwargs):
     if isinstance(function, functools.partial) and function.args and runs_compiled(function.args[0],
                                                                                    function.keywords):
         # the checkpoint goes inside the compiled block (`qtrain.compiled`): `partial(forward, layer, **kwargs)`
-        block, f_args, f_kwargs = compiled_block(function.func, True), function.args, function.keywords
-
-        def checkpointed(*a, **k):
-            return block(*f_args, *a, **f_kwargs, **k)
+        checkpointed = functools.partial(compiled_block(function.func, True), *function.args, **function.keywords)
     else:
         runs = 0
 

@@ -81,8 +81,7 @@ def with_savers(s: Setup) -> Setup:
                    mlp_chunk=s.mlp_chunk or SMALLER_MLP_CHUNKS[-1], offload=s.checkpointing and s.device == "cuda")
 
 
-def resolve(cfg: RunConfig, s: Setup, limit: int, auto: set[str], limit_text: str,
-                           say) -> RunConfig:
+def resolve(cfg: RunConfig, s: Setup, limit: int, auto: set[str], limit_text: str, say) -> RunConfig:
     """`cfg` with the `auto` memory savers decided (`auto_memory_savers`), each decision said (`qtrain run`)."""
     before, device_chunk = estimate(s).peak, s.loss_chunk
     s = auto_memory_savers(s, limit, auto)

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+import torch._inductor.config
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -96,23 +97,6 @@ def _worst(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).abs().max() / a[k].abs().max()).item() for k in a)
 
 
-def _eager_random(configure):
-    """`_configure` that also makes inductor's dropout draw eager torch's masks (`fallback_random`)."""
-    def both():
-        configure()
-        torch._inductor.config.fallback_random = True
-    return both
-
-
-@pytest.fixture(autouse=True)
-def inductor_random_restored():
-    import torch._inductor.config
-
-    before = torch._inductor.config.fallback_random
-    yield
-    torch._inductor.config.fallback_random = before
-
-
 LORA = [LoRABlock(method="lora", r=4, alpha=8, dropout=0.1)]
 
 
@@ -123,8 +107,8 @@ def test_inductor_blocks_give_the_eager_loss_and_gradients(llama_dir, checkpoint
     sums). `fallback_random` makes the compiled dropout draw eager torch's masks so the two runs compare; the
     three blocks compile into exactly two graphs (the first block's input needs no gradient), no graph break."""
     monkeypatch.setattr(compiled, "BACKEND", "inductor")
-    monkeypatch.setattr(compiled, "_configure", _eager_random(compiled._configure))
-    (eager_loss, eager, _), (loss, grads, _) = _pair(llama_dir, LORA, checkpointing)
+    with torch._inductor.config.patch(fallback_random=True):
+        (eager_loss, eager, _), (loss, grads, _) = _pair(llama_dir, LORA, checkpointing)
     assert abs(loss - eager_loss) < 1e-6 * abs(eager_loss)
     assert _worst(eager, grads) < 1e-4
     assert counters["stats"]["unique_graphs"] == 2
@@ -181,11 +165,11 @@ def test_bf16_blocks_are_as_close_to_fp32_as_eager_bf16(llama_dir, monkeypatch):
     compiled blocks' largest gradient error is at most 1.5× eager bf16's (fused kernels round no more often),
     and its loss as close."""
     monkeypatch.setattr(compiled, "BACKEND", "inductor")
-    monkeypatch.setattr(compiled, "_configure", _eager_random(compiled._configure))
     model, params = _model(llama_dir, LORA)
     enable_checkpointing(model)
     ref_loss, ref = _step(model, params)
-    (eager_loss, eager, _), (loss, grads, _) = _pair(llama_dir, LORA, True, dtype="bfloat16", precision="bf16")
+    with torch._inductor.config.patch(fallback_random=True):
+        (eager_loss, eager, _), (loss, grads, _) = _pair(llama_dir, LORA, True, dtype="bfloat16", precision="bf16")
     print(f"worst gradient error against fp32: eager bf16 {_worst(ref, eager):.4f}, compiled {_worst(ref, grads):.4f}")
     assert _worst(ref, grads) < 1.5 * _worst(ref, eager)
     assert abs(loss - ref_loss) < 1.5 * abs(eager_loss - ref_loss) + 1e-4
