@@ -208,6 +208,8 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> to
     w = layer.weight
     if isinstance(layer, bnb.nn.Linear4bit):
         state = quant_state(layer)
+        if torch.compiler.is_compiling() or not _bnb_4bit_exact(w, state):
+            return _dequantize_4bit_torch(w.data, state, dtype or state.dtype)
         if dtype in (torch.float32, torch.bfloat16, torch.float16) and dtype != state.dtype:
             # written in `dtype` directly, one pass fewer: into 16 bits the values of a cast; into fp32 from a
             # 16-bit state the exact products, not the 16-bit rounding of them
@@ -220,6 +222,43 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> to
         dense = w.detach().clone()
     return dense.to(dtype) if dtype is not None else dense
 
+
+
+def _dequantize_4bit_torch(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """bnb's `dequantize_4bit` written in torch operators: each weight is its code's fp32 table value times its
+    block's fp32 absmax (under double quantization that absmax is the 8-bit table value times its 256-block
+    scale, plus the offset), rounded once to `dtype`, as bnb's kernels compute it; the first of two values
+    packed in a byte is its high nibble. Two uses:
+    - in a compiled graph the compiler fuses these operators into one kernel (unpack, both lookups, both
+      scales), where bnb's path is two Python-implemented operators whose host time on a GPU exceeds their
+      kernels';
+    - on a CPU where bnb's kernel is wrong (`_bnb_4bit_exact`).
+    In eager mode the codes materialise as an int64 tensor (8 bytes a weight): bnb's kernels serve elsewhere."""
+    rows, cols = state.shape
+    n = rows * cols
+    q = packed.view(torch.uint8).reshape(-1)  # (n/2,)
+    codes = torch.stack((q >> 4, q & 15), dim=-1).reshape(-1)[:n].long()  # (n,)
+    absmax = state.absmax
+    if state.nested:
+        s2 = state.state2
+        absmax = _scaled_blocks(s2.code[absmax.long()], s2.absmax, s2.blocksize) + state.offset
+    values = _scaled_blocks(state.code[codes], absmax.float(), state.blocksize)  # (n,) fp32
+    return values.to(dtype).view(rows, cols)
+
+
+def _bnb_4bit_exact(w: torch.Tensor, state: QuantState) -> bool:
+    """Whether bnb's 4-bit dequantization kernel returns the right values for this weight. Its CPU kernel
+    (bitsandbytes 0.50, AVX512, rows a multiple of 32 wide) takes a block's absmax by the wrong index when
+    blocks do not tile the rows: SmolLM2's 576-wide rows with `blocksize: 128` come out up to 0.11 off, ~4x the
+    quantization error (tested). bnb's CUDA kernel indexes blocks over the flat weight and is right."""
+    return w.device.type != "cpu" or state.shape[-1] % state.blocksize == 0
+
+
+def _scaled_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values (n,) times scales[i // blocksize]: a last partial block padded for the product, then cut off."""
+    n = values.numel()
+    blocks = torch.nn.functional.pad(values, (0, -n % blocksize)).view(-1, blocksize)
+    return (blocks * scales.view(-1, 1)).view(-1)[:n]
 
 _HELD = threading.local()  # .weights: {(id(layer), dtype): dense weight} inside `dequantize_once`
 
@@ -335,10 +374,12 @@ def scratch_tensors() -> list[torch.Tensor]:
 
 def _dequantize_4bit_cpu(w: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor | None:
     """A 4-bit weight written into the reused buffer by bitsandbytes' own CPU kernel, the one `dequantize_4bit`
-    calls (whose CPU backend has no `out=` form). None where that backend would not use this kernel either."""
+    calls (whose CPU backend has no `out=` form). None where that backend would not use this kernel either, or
+    where the kernel is wrong (`_bnb_4bit_exact`)."""
     fn = _DEQUANTIZE_4BIT.get((state.quant_type, dtype))
     rows, cols = state.shape
     if (fn is None or isinstance(lib, ErrorHandlerMockBNBNativeLibrary) or not hasattr(lib, fn) or cols % 2
+            or not _bnb_4bit_exact(w, state)
             or (state.blocksize >= 2048 and torch.backends.cpu.get_cpu_capability() == "AVX512")):
         return None
     absmax = state.absmax

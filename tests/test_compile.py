@@ -159,6 +159,28 @@ def test_traced_blocks_give_exactly_the_eager_gradients(llama_dir, blocks, bits)
         assert not counters["graph_break"]
 
 
+def test_4bit_dequantization_is_traced_as_torch_operators(llama_dir, monkeypatch):
+    """In a compiled block a 4-bit weight is unpacked and scaled by torch operators, which the compiler fuses
+    into one kernel, not by bitsandbytes' two Python-implemented operators per weight (the host time a GPU
+    step waits on): the captured graphs, checkpointed regions included, hold no bitsandbytes operator, and their
+    gradients equal eager's, which bnb's kernels computed (test above)."""
+    targets = []
+
+    def recording(gm, example_inputs):
+        for module in gm.modules():
+            if isinstance(module, torch.fx.GraphModule):
+                targets.extend(str(n.target) for n in module.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    monkeypatch.setattr(compiled, "BACKEND", recording)
+    model, params = _model(llama_dir, LORA)
+    enable_checkpointing(model)
+    compiled.compile_blocks(model)
+    _step(model, params)
+    assert any("checkpoint" in t for t in targets) and any("linear" in t or "matmul" in t for t in targets)
+    assert not [t for t in targets if "bitsandbytes" in t]
+
+
 def test_bf16_blocks_are_as_close_to_fp32_as_eager_bf16(llama_dir, monkeypatch):
     """bf16 compute under autocast (the GPU's usual setting), inductor: bf16 gradients differ from fp32 ones by
     bf16's rounding however they are computed, so both bf16 runs are measured against the fp32 eager model: the
