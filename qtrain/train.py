@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from qtrain.checkpoint import Checkpointer, Progress
 from qtrain.config import TrainingSection
@@ -51,6 +51,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a data-parallel wrapper: what accelerate's `extract_model_from_parallel` returns for the
+    models qtrain trains (FSDP2's `fully_shard` wraps nothing), without its walk over every module in search of
+    compiled ones, which a step would pay each time."""
+    while isinstance(model, (DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int,
                    n_targets: int | None = None) -> torch.Tensor:
     """Forward the model, then the summed next-token loss over the batch's target tokens.
@@ -64,7 +73,7 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
     `output_hidden_states`, which would keep every layer's input on the device to the end of the forward:
     checkpointing keeps those anyway, but offloaded checkpoints (`qtrain.offload`) exist not to.
     """
-    inner = extract_model_from_parallel(model)
+    inner = unwrap(model)
     inputs = prepare_inputs(inner, model_inputs(batch))
     labels = inputs.pop("labels")  # (B, T'): with IGNORE_INDEX on any positions the methods added
     no_logits = torch.empty(0, dtype=torch.long, device=labels.device)  # positions to run the model's head on
@@ -204,7 +213,7 @@ def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict
     device = accelerator.device
     # `qtrain run` has decided an `auto` chunk already (the savers may have made it smaller); else the device's
     chunk = loss_chunk_tokens(cfg.loss_chunk_size, device.type,
-                              extract_model_from_parallel(model).get_output_embeddings().weight.shape[0])
+                              unwrap(model).get_output_embeddings().weight.shape[0])
     scaler = getattr(accelerator, "scaler", None)
     done = checkpoints.restore(optimizer, batches, scaler) if checkpoints else Progress()
     model.train()
