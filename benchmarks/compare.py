@@ -160,7 +160,6 @@ def qtrain_config(bits: int, dtype_name: str, mb: int, seq: int):
 
 def build_qtrain(bits: int, dtype_name: str, mb: int, seq: int, checkpointing: bool = True):
     """qtrain's own pieces, wired as `qtrain run` wires them."""
-    import torch
     from accelerate import Accelerator
 
     from qtrain.memory import loss_chunk_tokens

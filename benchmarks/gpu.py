@@ -35,7 +35,7 @@ ROOT = HERE.parent
 NEEDED = ("torch", "transformers", "bitsandbytes", "peft", "accelerate", "datasets", "safetensors", "pydantic",
           "yaml", "qtrain")
 WHEELS = ("bitsandbytes", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "datasets", "dill",
-          "multiprocess")
+          "multiprocess", "pytest", "pluggy", "iniconfig", "pygments")  # pytest & co.: the GPU test suite
 SHAPES = {  # name: LlamaConfig arguments (vocab comes from the tokenizer for "tiny")
     "l3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
@@ -79,25 +79,40 @@ def prepare(kit: Path) -> None:
     from qtrain.config import ModelSection
     from qtrain.modeling import resolve_model_path
 
+    from importlib.metadata import PackageNotFoundError, version
+
     kit.mkdir(parents=True, exist_ok=True)
-    plat = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any")
-            for a in ("--platform", p)]
+    shutil.rmtree(kit / "whl", ignore_errors=True)
+    # bitsandbytes 0.50's wheels are manylinux_2_24: without that tag pip settles for 0.42's platform-free wheel
+    plat = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
+                        "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any") for a in ("--platform", p)]
     for name in WHEELS:
+        try:  # the versions this project is tested with here
+            wanted = f"{name}=={version(name)}"
+        except PackageNotFoundError:
+            wanted = name
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "--python-version", "3.12", "--implementation", "cp", *plat, "-d", str(kit / "whl"), name],
+                        "--python-version", "3.12", "--implementation", "cp", *plat, "-d", str(kit / "whl"), wanted],
                        check=True)
     proj = kit / "proj"
     shutil.rmtree(proj, ignore_errors=True)
     proj.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD", "qtrain", "pyproject.toml", "benchmarks"],
-                             check=True, capture_output=True).stdout
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD", "qtrain", "pyproject.toml", "benchmarks",
+                              "tests"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "x", "-C", str(proj)], input=archive, check=True)
     source = resolve_model_path(ModelSection(path="smollm2-135m-instruct"))  # converts the shipped GGUF once
     tok = kit / "tok"
     tok.mkdir(exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+    for name in ("tokenizer.json", "special_tokens_map.json", "chat_template.jinja"):
         if (source / name).is_file():
             shutil.copy(source / name, tok / name)
+    # the class every transformers 5.x knows, without this version's loader-only keys (as the kit that first ran
+    # on the CUDA machine, with an older transformers, wrote it)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=10**6)
+    for key in ("backend", "is_local", "local_files_only"):
+        config.pop(key, None)
+    (tok / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     print(f"kit ready in {kit}. On the CUDA machine:\n  pip install --no-index --no-deps --target /tmp/site "
           f"{kit}/whl/*.whl && PYTHONPATH=/tmp/site:{kit}/proj python3 {kit}/proj/benchmarks/gpu.py run "
           f"--tokenizer {kit}/tok --out OUT")
@@ -329,7 +344,7 @@ def run(args) -> int:
     device = "cuda" if cuda else "cpu"
     out = Path(args.out)
     work = Path(args.work or out / "work")
-    for d in (out, work / "logs"):
+    for d in (out / "logs", work):  # logs beside the results; checkpoints (16 GB for 8B) in --work
         d.mkdir(parents=True, exist_ok=True)
     tokenizer = Path(args.tokenizer) if args.tokenizer else default_tokenizer()
     start = time.perf_counter()
@@ -341,7 +356,8 @@ def run(args) -> int:
 
     triton = importlib.import_module("triton").__version__ if triton_kernels.available() else None
     result = {"machine": {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke)",
-                          "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+                          "torch": torch.__version__, "cuda": torch.version.cuda,
+                          "transformers": transformers.__version__,
                           "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__, "triton": triton},
               "points": []}
     result["matmul_tflops"] = round(matmul_rate(device), 3)
@@ -363,7 +379,7 @@ def run(args) -> int:
                 point["runs"][system] = {"error": "skipped: the run's deadline (--deadline) was reached"}
                 continue
             name = f"{shape}-{batch}x{seq}-{'ckpt' if ckpt else 'nockpt'}-{system}".replace("+", "-")
-            log = work / "logs" / f"{name}.log"
+            log = out / "logs" / f"{name}.log"
             if system.startswith("qtrain"):
                 cfg = work / f"{name}.yaml"
                 cfg.write_text(CONFIG.format(model=work / shape, dtype="bfloat16" if cuda else "float32",
@@ -423,7 +439,8 @@ def line(r: dict) -> str:
 
 
 def table(result: dict) -> str:
-    rows = ["| point | system | s/step | tokens/s | allocated MiB | reserved MiB | planned (error) | MFU | qtrain speed-up |",
+    rows = ["| point | system | s/step | tokens/s | allocated MiB | reserved MiB | planned (error) | MFU "
+            "| qtrain speed-up |",
             "|---|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
         for system, r in p["runs"].items():
@@ -462,7 +479,8 @@ def main() -> int:
     pr.add_argument("kit")
     ru = sub.add_parser("run", help="measure (on a CUDA machine, or --smoke on the CPU)")
     ru.add_argument("--out", required=True)
-    ru.add_argument("--work", help="checkpoints, configs, runs, logs (default OUT/work)")
+    ru.add_argument("--work", help="checkpoints, configs, runs (default OUT/work; 16 GB for the 8B checkpoint: "
+                    "keep it out of a folder that is copied back)")
     ru.add_argument("--tokenizer", help="a tokenizer folder (default: qtrain's converted SmolLM2)")
     ru.add_argument("--points", nargs="*", help="grid points by label (default: all)")
     ru.add_argument("--deadline", type=float, default=450, help="seconds for the whole grid (default 450)")

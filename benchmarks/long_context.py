@@ -13,9 +13,11 @@ then runs each point as its own `python -m qtrain run` process with the CUDA all
 simulates (`torch.cuda.set_per_process_memory_fraction`), and prints one JSON line per point: peak
 `torch.cuda.max_memory_allocated`, median tokens/s after the first step, the host memory the run added (peak
 RSS), the savers `auto` chose, and the planner's prediction (tensor bytes: the CUDA context term removed, which
-`max_memory_allocated` does not see). `--shape tiny --device-check off --max-seq 256` runs the same code on a
-CPU with a tiny model (the mechanics only, no caps), which is how it was tested here; no GPU was available to
-this work, so its figures are still to be measured.
+`max_memory_allocated` does not see). `--tokenizer KIT/tok` takes the tokenizer from an offline kit
+(`benchmarks/gpu.py prepare`); `--deadline SECONDS` skips or stops a point that would run past it.
+`--shape tiny --device-check off --max-seq 256` runs the same code on a CPU with a tiny model (the mechanics
+only, no caps), which is how it was tested here; no GPU was available to this work, so its figures are still
+to be measured.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qtrain.config import validate_config  # noqa: E402
-from qtrain.gpus import fmt_bytes  # noqa: E402
 from qtrain.memory import CUDA_CONTEXT, estimate, setup_from_config  # noqa: E402
 from qtrain.planner import longest_sequence  # noqa: E402
 from qtrain.savers import auto_memory_savers, autos, with_savers, without_savers  # noqa: E402
@@ -107,8 +108,9 @@ def predicted(shape: dict, seq, micro, rank, targets, cap, overrides) -> dict:
                        "activation_offload": s.offload}}
 
 
-def write_checkpoint(out: Path, shape: str) -> None:
-    """Random weights of `shape` in bf16 safetensors shards, with SmolLM2's tokenizer (ids only matter)."""
+def write_checkpoint(out: Path, shape: str, tokenizer: str | None = None) -> None:
+    """Random weights of `shape` in bf16 safetensors shards, with SmolLM2's tokenizer (ids only matter): the
+    folder `tokenizer` (an offline kit's tok/, `benchmarks/gpu.py prepare`), or the shipped model's."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -132,7 +134,8 @@ def write_checkpoint(out: Path, shape: str) -> None:
             shard, size = {}, 0
     if shard:
         save_file(shard, str(out / f"model-{n + 1:05d}.safetensors"), metadata={"format": "pt"})
-    load_tokenizer(resolve_model_path(ModelSection()), ModelSection()).save_pretrained(out)
+    source = Path(tokenizer) if tokenizer else resolve_model_path(ModelSection())
+    load_tokenizer(source, ModelSection()).save_pretrained(out)
 
 
 CAPPED_RUN = """import os, sys, torch
@@ -144,13 +147,17 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def measure(shape: str, steps: int, points: list[str], caps: bool, max_seq: int) -> None:
+def measure(shape: str, steps: int, points: list[str], caps: bool, max_seq: int, tokenizer: str | None = None,
+            deadline: float = float("inf")) -> None:
+    import time
+
     import yaml
 
+    start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="qtrain-longctx-"))
     model = work / "model"
     model.mkdir()
-    write_checkpoint(model, shape)
+    write_checkpoint(model, shape, tokenizer)
     data = work / "long.jsonl"
     words = " ".join(f"w{i % 997} n{i % 101}" for i in range(200_000))  # ~1 token per piece, > 128k tokens
     data.write_text("".join(json.dumps({"text": words}) + "\n" for _ in range(4)))
@@ -161,11 +168,20 @@ def measure(shape: str, steps: int, points: list[str], caps: bool, max_seq: int)
         out, seq = work / name, min(seq, max_seq)
         raw = run_config(str(model), str(data), str(out), seq, micro, rank, targets, cap, overrides, steps)
         (work / f"{name}.yaml").write_text(yaml.safe_dump(raw))
-        env = {**os.environ, "CAP_GIB": str(cap if caps and cap else ""), "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, str(work / "capped.py"), "run", str(work / f"{name}.yaml")],
-                              env=env, capture_output=True, text=True)
-        result = {"point": name, "rc": proc.returncode,
-                  **predicted(model_config(shape), seq, micro, rank, targets, cap, overrides)}
+        env = {**os.environ, "CAP_GIB": str(cap if caps and cap else ""),
+               "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        result = {"point": name, **predicted(model_config(shape), seq, micro, rank, targets, cap, overrides)}
+        left = deadline - (time.perf_counter() - start)
+        if left < 30:
+            print(json.dumps({**result, "error": "skipped: --deadline reached"}), flush=True)
+            continue
+        try:
+            proc = subprocess.run([sys.executable, str(work / "capped.py"), "run", str(work / f"{name}.yaml")],
+                                  env=env, capture_output=True, text=True, timeout=left)
+        except subprocess.TimeoutExpired:
+            print(json.dumps({**result, "error": f"timed out after {left:.0f} s (--deadline)"}), flush=True)
+            continue
+        result["rc"] = proc.returncode
         if proc.returncode == 0:
             summary = json.loads((out / "summary.json").read_text())
             rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -188,6 +204,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--points", nargs="*", default=[], help=f"of {[p[0] for p in POINTS]} (default: all)")
     ap.add_argument("--max-seq", type=int, default=1 << 20, help="shorten every point to this (script tests)")
+    ap.add_argument("--tokenizer", help="a tokenizer folder (an offline kit's tok/; default: the shipped model's)")
+    ap.add_argument("--deadline", type=float, default=float("inf"), help="seconds for all points: a point that "
+                    "would start later is skipped, one that runs over is stopped (each reported)")
     ap.add_argument("--device-check", choices=["on", "off"], default="on",
                     help="off: allow a CPU run, without allocator caps (tests the script, measures nothing)")
     args = ap.parse_args()
@@ -197,7 +216,8 @@ def main() -> None:
 
     if args.device_check == "on" and not torch.cuda.is_available():
         sys.exit("measure needs a CUDA GPU (or --shape tiny --device-check off to test the script on a CPU)")
-    measure(args.shape, args.steps, args.points, caps=torch.cuda.is_available(), max_seq=args.max_seq)
+    measure(args.shape, args.steps, args.points, caps=torch.cuda.is_available(), max_seq=args.max_seq,
+            tokenizer=args.tokenizer, deadline=args.deadline)
 
 
 if __name__ == "__main__":
