@@ -10,6 +10,7 @@ by side, alternating, in one process.
     python benchmarks/host_overhead.py [--layers 32] [--steps 20] [--profile]
     python benchmarks/host_overhead.py --fused    # also qtrain with training.fused_ops on its Triton path
     python benchmarks/host_overhead.py --compiled # also qtrain with training.compile (inductor, C++ on a CPU)
+    python benchmarks/host_overhead.py --optimizer paged_adamw_8bit  # both sides on bitsandbytes' optimizer
 
 `--fused` counts what a GPU step would launch with the fused RMSNorm/SwiGLU kernels: the Triton kernels run on
 the CPU under Triton's interpreter (this sets TRITON_INTERPRET=1 before anything imports Triton), each call
@@ -77,7 +78,7 @@ def count_launches(mode: Ops) -> None:
         setattr(triton_kernels, name, launch)
 
 
-def qtrain_step(folder: Path, tokens: int, fused: bool = False, compiled: bool = False):
+def qtrain_step(folder: Path, tokens: int, fused: bool = False, compiled: bool = False, optimizer: str = "adamw"):
     from accelerate import Accelerator
 
     from qtrain.config import ModelSection, QuantizationSection, TrainingSection
@@ -100,7 +101,7 @@ def qtrain_step(folder: Path, tokens: int, fused: bool = False, compiled: bool =
 
         compile_blocks(loaded.model)
     model, acc = loaded.model.train(), Accelerator(cpu=True)
-    opt = make_optimizer([{"params": params, "lr": 1e-4}], TrainingSection())
+    opt = make_optimizer([{"params": params, "lr": 1e-4}], TrainingSection(optimizer=optimizer))
     ids = torch.randint(0, 300, (1, tokens))
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -112,7 +113,7 @@ def qtrain_step(folder: Path, tokens: int, fused: bool = False, compiled: bool =
     return step
 
 
-def peft_step(folder: Path, tokens: int):
+def peft_step(folder: Path, tokens: int, optimizer: str = "adamw"):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -122,7 +123,14 @@ def peft_step(folder: Path, tokens: int):
     m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True)
     m = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                      task_type="CAUSAL_LM")).train()
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
+    else:  # bitsandbytes' own class, as the QLoRA recipe uses it
+        import bitsandbytes as bnb
+
+        opt = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+               "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[optimizer](trainable, lr=1e-4)
     ids = torch.randint(0, 300, (1, tokens))
 
     def step():
@@ -144,6 +152,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the operators are tiny; "
                     "more threads measure OpenMP's wake-ups, not dispatch)")
     ap.add_argument("--compiled", action="store_true", help="also qtrain with training.compile (timed)")
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit",
+                                                             "paged_adamw_32bit"],
+                    help="both sides' optimizer (default adamw: torch's fused; the 8-bit ones: bnb's class for peft)")
     ap.add_argument("--fused", action="store_true", help="also count a step with training.fused_ops on its Triton "
                     "path (kernels under Triton's interpreter: counted, not timed)")
     a = ap.parse_args()
@@ -153,16 +164,17 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_llama_folder(Path(tmp) / "deep", tie=False, layers=a.layers, hidden=64)
-        steps = {"qtrain": qtrain_step(folder, a.tokens), "peft": peft_step(folder, a.tokens)}
+        steps = {"qtrain": qtrain_step(folder, a.tokens, optimizer=a.optimizer),
+                 "peft": peft_step(folder, a.tokens, a.optimizer)}
         if a.compiled:
-            steps["qtrain compiled"] = qtrain_step(folder, a.tokens, compiled=True)
+            steps["qtrain compiled"] = qtrain_step(folder, a.tokens, compiled=True, optimizer=a.optimizer)
             t0 = time.perf_counter()
             steps["qtrain compiled"]()  # compiles the blocks (two graphs: the first block's input needs no grad)
             print(f"qtrain compiled: first step (compiling) {time.perf_counter() - t0:.1f} s")
         # not the compiled step: dynamo stops running a compiled frame once it has met a dispatch mode
         counted = {k: v for k, v in steps.items() if k != "qtrain compiled"}
         if a.fused:
-            counted["qtrain fused (Triton)"] = qtrain_step(folder, a.tokens, fused=True)
+            counted["qtrain fused (Triton)"] = qtrain_step(folder, a.tokens, fused=True, optimizer=a.optimizer)
         for name, step in counted.items():
             step()  # warm-up
             mode = Ops()

@@ -101,8 +101,10 @@ def test_known_target_count_picks_the_same_rows_bit_for_bit():
 
 
 @pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
-def test_bnb_optimizers_step_like_bnb_bit_for_bit(name):
-    """qtrain's bitsandbytes optimizers drop bnb's wait for the GPU after every parameter; nothing else."""
+def test_bnb_optimizers_step_like_bnb_bit_for_bit(name, monkeypatch):
+    """qtrain's bitsandbytes optimizers drop bnb's wait for the GPU after every parameter and call its update
+    operator directly; nothing else: parameters and states equal bnb's bit for bit, with the learning rate
+    changing between steps (a scheduler), a non-contiguous gradient (bnb's own path), two groups."""
     import bitsandbytes as bnb
 
     from qtrain.quantization import make_optimizer_class
@@ -111,7 +113,9 @@ def test_bnb_optimizers_step_like_bnb_bit_for_bit(name):
     theirs_cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
                   "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
     assert ours_cls is not theirs_cls and issubclass(ours_cls, theirs_cls)
-    runs = []
+    runs, slow_path = [], []
+    original = theirs_cls.update_step
+    monkeypatch.setattr(theirs_cls, "update_step", lambda *a: slow_path.append(a[0]) or original(*a))
     for cls in (ours_cls, theirs_cls):
         g = torch.Generator().manual_seed(0)
         # below and above bnb's 4096 elements for 8-bit states; a parameter without a gradient is skipped
@@ -120,9 +124,13 @@ def test_bnb_optimizers_step_like_bnb_bit_for_bit(name):
         for step in range(4):
             for i, p in enumerate(params):
                 p.grad = None if (i == 3 and step == 1) else torch.randn(p.shape, generator=g)
+            params[3].grad = params[3].grad.t() if step == 2 else params[3].grad  # (40, 40), not contiguous
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
             opt.step()
         state = [t.clone() for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
         runs.append(([p.detach().clone() for p in params], state))
     (p_ours, s_ours), (p_bnb, s_bnb) = runs
+    assert sum(isinstance(o, ours_cls) for o in slow_path) == 1  # only the non-contiguous gradient
     assert all(torch.equal(a, b) for a, b in zip(p_ours, p_bnb))
     assert len(s_ours) == len(s_bnb) > 0 and all(torch.equal(a, b) for a, b in zip(s_ours, s_bnb))
