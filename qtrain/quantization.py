@@ -249,8 +249,9 @@ def _dequantize_4bit_torch(packed: torch.Tensor, state: QuantState, dtype: torch
 def _bnb_4bit_exact(w: torch.Tensor, state: QuantState) -> bool:
     """Whether bnb's 4-bit dequantization kernel returns the right values for this weight. Its CPU kernel
     (bitsandbytes 0.50, AVX512, rows a multiple of 32 wide) takes a block's absmax by the wrong index when
-    blocks do not tile the rows: SmolLM2's 576-wide rows with `blocksize: 128` come out up to 0.11 off, ~4x the
-    quantization error (tested). bnb's CUDA kernel indexes blocks over the flat weight and is right."""
+    blocks do not tile the rows: with `blocksize: 128` SmolLM2's first q_proj comes back with a relative error
+    of 0.62 instead of 0.11 (benchmarks/RESULTS.md; tested). bnb's CUDA kernel indexes blocks over the flat
+    weight."""
     return w.device.type != "cpu" or state.shape[-1] % state.blocksize == 0
 
 
