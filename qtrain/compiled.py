@@ -5,9 +5,11 @@ Where a step is short (a small model, or a large one at micro-batch 1) its time 
 one dispatch and one kernel launch per operator, ~580 operators per LoRA'd Llama block and step. Compiled, a
 block's forward is one call of generated code and its backward another; elementwise chains (RMSNorm, rotary
 embedding, silu·up, residual adds, LoRA's scale) become single fused kernels and the matmuls stay library
-GEMMs. LoRA's `LoRAFunction` and the 4-bit/8-bit dequantization ops (bitsandbytes' torch.library operators;
-`quantization.matmul_weight` takes that path while compiling) are traced into the graph, without a graph break
-for the stock Llama-family blocks (tested).
+GEMMs. LoRA's `LoRAFunction` and the frozen weights' products are traced into the graph, without a graph break
+for the stock Llama-family blocks (tested). A small weight is dequantized in the graph by torch operators the
+compiler fuses into one kernel; a big one (above `quantization.IN_GRAPH_MAX_BYTES`) is multiplied by
+`qtrain::frozen_mm`, an operator that dequantizes, multiplies and frees inside, so the backward, which needs
+each weight for the recompute and again for the input gradient, never holds a block's dense weights at once.
 
 With gradient checkpointing the checkpoint is inside the compiled function: `torch.utils.checkpoint` becomes
 part of the graph, the block saves only its inputs, and the compiled backward recomputes just what it reads.

@@ -208,19 +208,27 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> to
     w = layer.weight
     if isinstance(layer, bnb.nn.Linear4bit):
         state = quant_state(layer)
-        if torch.compiler.is_compiling() or not _bnb_4bit_exact(w, state):
-            return _dequantize_4bit_torch(w.data, state, dtype or state.dtype)
-        if dtype in (torch.float32, torch.bfloat16, torch.float16) and dtype != state.dtype:
-            # written in `dtype` directly, one pass fewer: into 16 bits the values of a cast; into fp32 from a
-            # 16-bit state the exact products, not the 16-bit rounding of them
-            state = copy.copy(state)
-            state.dtype = dtype
-        dense = dequantize_4bit(w.data, state)
-    elif isinstance(layer, bnb.nn.Linear8bitLt):
+        return _dense_4bit(w.data, state, dtype or state.dtype)
+    if isinstance(layer, bnb.nn.Linear8bitLt):
         return _int8_dequantized(layer, torch.empty(w.shape, dtype=dtype or torch.float32, device=w.device))
-    else:
-        dense = w.detach().clone()
+    dense = w.detach().clone()
     return dense.to(dtype) if dtype is not None else dense
+
+
+def _dense_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-bit weight dense in `dtype`, a new tensor: bnb's kernel, or the same values in torch operators where a
+    compiler traces it or bnb's kernel is wrong. Another dtype (float64, for references) is the state's dtype
+    cast."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return _dense_4bit(packed, state, state.dtype).to(dtype)
+    if torch.compiler.is_compiling() or not _bnb_4bit_exact(packed, state):
+        return _dequantize_4bit_torch(packed, state, dtype)
+    if dtype != state.dtype:
+        # written in `dtype` directly, one pass fewer: into 16 bits the values of a cast; into fp32 from a
+        # 16-bit state the exact products, not the 16-bit rounding of them
+        state = copy.copy(state)
+        state.dtype = dtype
+    return dequantize_4bit(packed, state)
 
 
 
@@ -236,8 +244,9 @@ def _dequantize_4bit_torch(packed: torch.Tensor, state: QuantState, dtype: torch
     In eager mode the codes materialise as an int64 tensor (8 bytes a weight): bnb's kernels serve elsewhere."""
     rows, cols = state.shape
     n = rows * cols
-    q = packed.view(torch.uint8).reshape(-1)  # (n/2,)
-    codes = torch.stack((q >> 4, q & 15), dim=-1).reshape(-1)[:n].long()  # (n,)
+    q = packed.view(torch.uint8).reshape(-1, 1)  # (n/2, 1)
+    shifts = torch.tensor([4, 0], dtype=torch.uint8, device=q.device)  # a broadcast, not a stack: one kernel
+    codes = ((q >> shifts) & 15).reshape(-1)[:n].long()  # (n,)
     absmax = state.absmax
     if state.nested:
         s2 = state.state2
@@ -301,14 +310,17 @@ def _matmul_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         return dequantized_weight(layer, dtype)
     if isinstance(layer, bnb.nn.Linear8bitLt):
         return _int8_dequantized(layer, _scratch(tuple(w.shape), dtype))
-    out = _dequantize_4bit_cpu(w, quant_state(layer), dtype)
-    return out if out is not None else dequantized_weight(layer, dtype)
+    state = quant_state(layer)
+    out = _dequantize_4bit_cpu(w, state, dtype)
+    return out if out is not None else _dense_4bit(w.data, state, dtype)
 
 
 def linear_product(x2: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None,
                    dtype: torch.dtype) -> torch.Tensor:
     """x2 (N, in) · Wᵀ + bias in `dtype`, W from `matmul_weight` (or, see `_int8_row_scale`, its int8 values with
     the row scale on the output): a frozen base's forward in every fused path."""
+    if _opaque_in_graph(layer, dtype):
+        return _frozen_mm_of(x2, layer, bias, transposed=False)
     scale = _int8_row_scale(layer, x2.shape[0], dtype)
     if scale is not None:  # W = diag(scale)·Q: (x2·Qᵀ)·diag(scale)
         y = (x2 @ _int8_values(layer, dtype).T).mul_(scale)
@@ -319,6 +331,8 @@ def linear_product(x2: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None
 
 def linear_input_grad(gy2: torch.Tensor, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """gy2 (N, out) · W in `dtype`, W as in `linear_product`: the same layer's input gradient (N, in)."""
+    if _opaque_in_graph(layer, dtype):
+        return _frozen_mm_of(gy2, layer, None, transposed=True)
     scale = _int8_row_scale(layer, gy2.shape[0], dtype)
     if scale is not None:  # gy2·diag(scale)·Q
         return (gy2 * scale) @ _int8_values(layer, dtype)
@@ -352,7 +366,68 @@ def _int8_scb(layer: nn.Module) -> torch.Tensor:
 def _int8_dequantized(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
     """`out` (out, in) ← the int8 weight times row absmax / 127, in out's dtype: exactly how bnb's own training
     matmul (MatMul8bitFp) dequantizes."""
-    return out.copy_(layer.weight.data).mul_(_int8_scb(layer).unsqueeze(1).mul(1.0 / 127.0))
+    return _int8_dense(layer.weight.data, _int8_scb(layer), out)
+
+
+def _int8_dense(weight: torch.Tensor, scb: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return out.copy_(weight).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+
+
+# A compiled block's backward recomputes its forward and then multiplies by the transposed weights: a weight
+# dequantized inside the graph is one value with two users, computed at the recompute and kept to the input
+# gradient's product, so the whole block's dense weights stay alive together (Llama-3-8B: 436 MiB in bf16,
+# where eager code holds one weight at a time). For weights above IN_GRAPH_MAX_BYTES the graph calls
+# `qtrain::frozen_mm` instead, an operator the compiler cannot look into that dequantizes, multiplies and frees
+# inside: one dense weight at a time again. Smaller weights stay in the graph, where the compiler fuses their
+# dequantization into one kernel; what they keep is at most the block's seven of them (≤ 56 MiB; SmolLM2-135M:
+# 7 MiB in bf16), and on such models the host time of an opaque call would outweigh their GPU work.
+IN_GRAPH_MAX_BYTES = 8 * 2**20
+
+
+def _opaque_in_graph(layer: nn.Module, dtype: torch.dtype) -> bool:
+    return (torch.compiler.is_compiling() and is_quantized(layer)
+            and layer.in_features * layer.out_features * dtype.itemsize > IN_GRAPH_MAX_BYTES)
+
+
+def _frozen_mm_of(x2: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """`qtrain::frozen_mm` over `layer`'s stored tensors: x2 · Wᵀ (+ bias), or x2 · W when `transposed`."""
+    w = layer.weight
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return torch.ops.qtrain.frozen_mm(x2, w.data, _int8_scb(layer), None, None, None, None, bias, 0, 0,
+                                          w.shape[0], w.shape[1], "int8", transposed)
+    s = quant_state(layer)
+    nested = (s.state2.absmax, s.state2.code, s.offset) if s.nested else (None, None, None)
+    return torch.ops.qtrain.frozen_mm(x2, w.data, s.absmax, s.code, *nested, bias, s.blocksize,
+                                      s.state2.blocksize if s.nested else 0, s.shape[0], s.shape[1], s.quant_type,
+                                      transposed)
+
+
+@torch.library.custom_op("qtrain::frozen_mm", mutates_args=(), schema=(
+    "(Tensor x, Tensor weight, Tensor absmax, Tensor? code, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+    "Tensor? bias, int blocksize, int blocksize2, int rows, int cols, str quant_type, bool transposed) -> Tensor"))
+def _frozen_mm(x, weight, absmax, code, absmax2, code2, offset, bias, blocksize, blocksize2, rows, cols, quant_type,
+               transposed):
+    """x · Wᵀ + bias (or x · W) with W (rows, cols) dequantized in x's dtype as eager code does it, then freed."""
+    dtype = x.dtype
+    if quant_type == "int8":
+        dense = _int8_dense(weight, absmax, torch.empty((rows, cols), dtype=dtype, device=weight.device))
+    else:
+        state2 = None if absmax2 is None else QuantState(absmax=absmax2, code=code2, blocksize=blocksize2,
+                                                         dtype=torch.float32)
+        state = QuantState(absmax=absmax, shape=torch.Size((rows, cols)), code=code, blocksize=blocksize,
+                           quant_type=quant_type, dtype=dtype, offset=offset, state2=state2)
+        dense = (_dequantize_4bit_cpu(weight, state, dtype) if weight.device.type == "cpu" else None)
+        if dense is None:
+            dense = _dense_4bit(weight, state, dtype)
+    if transposed:
+        return x @ dense
+    return x @ dense.T if bias is None else torch.addmm(bias.to(dtype), x, dense.T)
+
+
+@_frozen_mm.register_fake
+def _(x, weight, absmax, code, absmax2, code2, offset, bias, blocksize, blocksize2, rows, cols, quant_type,
+      transposed):
+    return x.new_empty((x.shape[0], cols if transposed else rows))
 
 
 _SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # (thread, dtype) -> flat CPU buffer

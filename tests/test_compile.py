@@ -100,12 +100,18 @@ def _worst(a: dict, b: dict) -> float:
 LORA = [LoRABlock(method="lora", r=4, alpha=8, dropout=0.1)]
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_inductor_blocks_give_the_eager_loss_and_gradients(llama_dir, checkpointing, monkeypatch):
+@pytest.mark.parametrize("checkpointing,opaque", [(True, False), (False, False), (True, True)],
+                         ids=["checkpointed", "kept", "checkpointed-opaque-weights"])
+def test_inductor_blocks_give_the_eager_loss_and_gradients(llama_dir, checkpointing, opaque, monkeypatch):
     """Inductor (C++ here, Triton on a GPU) against eager kernels, LoRA with dropout on a 4-bit base in fp32:
     the loss within 1e-6 and every LoRA gradient within 1e-4 of its largest entry (fused loops reassociate
     sums). `fallback_random` makes the compiled dropout draw eager torch's masks so the two runs compare; the
-    three blocks compile into exactly two graphs (the first block's input needs no gradient), no graph break."""
+    three blocks compile into exactly two graphs (the first block's input needs no gradient), no graph break.
+    `opaque`: every weight through `qtrain::frozen_mm`, as a big model's are."""
+    import qtrain.quantization as quantization
+
+    if opaque:
+        monkeypatch.setattr(quantization, "IN_GRAPH_MAX_BYTES", 0)
     monkeypatch.setattr(compiled, "BACKEND", "inductor")
     with torch._inductor.config.patch(fallback_random=True):
         (eager_loss, eager, _), (loss, grads, _) = _pair(llama_dir, LORA, checkpointing)
@@ -179,6 +185,51 @@ def test_4bit_dequantization_is_traced_as_torch_operators(llama_dir, monkeypatch
     _step(model, params)
     assert any("checkpoint" in t for t in targets) and any("linear" in t or "matmul" in t for t in targets)
     assert not [t for t in targets if "bitsandbytes" in t]
+
+
+def _only_multiplied(node) -> bool:
+    """Whether every use of a stored weight (through `.data`'s detach) is `qtrain::frozen_mm` or the graph's
+    output (the forward graph hands parameters on to the backward one: an alias, no copy)."""
+    return all(("frozen_mm" in str(u.target) or u.op == "output"
+                or ("detach" in str(u.target) and _only_multiplied(u))) for u in node.users)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_big_weights_multiply_through_an_opaque_operator(llama_dir, bits, monkeypatch):
+    """Weights above `quantization.IN_GRAPH_MAX_BYTES` (here every weight) are multiplied by `qtrain::frozen_mm`,
+    which dequantizes, multiplies and frees inside, so no dense weight is a value of the graph. (A weight
+    dequantized in the graph is one value computed at the recompute and kept to the input gradient's product:
+    the whole block's weights at once.) In the forward and the checkpointed backward graphs every stored weight
+    (uint8 / int8 inputs) is read by that operator alone, the backward calling it for the input gradients and
+    again for the recompute's products (fewer than 14: the compiler drops the products nothing reads). Loss and
+    gradients equal eager's bit for bit on 4 bits; 8 bits to 1e-5 (the row scale, as above)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    import qtrain.quantization as quantization
+
+    calls = {"forward": [], "backward": []}
+
+    def counting(kind):
+        def compiler(gm, example_inputs):
+            stored = [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+                      and n.meta["val"].dtype in (torch.uint8, torch.int8) and n.meta["val"].dim() == 2]
+            assert stored and all(_only_multiplied(n) for n in stored)
+            calls[kind].append(sum(1 for n in gm.graph.nodes if "frozen_mm" in str(n.target)))
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    monkeypatch.setattr(quantization, "IN_GRAPH_MAX_BYTES", 0)
+    monkeypatch.setattr(compiled, "BACKEND", aot_autograd(fw_compiler=counting("forward"),
+                                                          bw_compiler=counting("backward")))
+    (eager_loss, eager, _), (loss, grads, _) = _pair(llama_dir, LORA, True, bits=bits)
+    assert calls["forward"] == [7, 7]  # two graphs (the first block's input needs no gradient); 7 linears each
+    assert all(7 < n <= 14 for n in calls["backward"]), calls
+    if bits == 8:
+        assert abs(loss - eager_loss) < 1e-6 * abs(eager_loss) and _worst(eager, grads) < 1e-5
+    else:
+        assert loss == eager_loss
+        assert all(torch.equal(eager[k], grads[k]) for k in eager), _worst(eager, grads)
 
 
 def test_bf16_blocks_are_as_close_to_fp32_as_eager_bf16(llama_dir, monkeypatch):
