@@ -19,8 +19,9 @@ in backward, nothing saved. It is the frozen base's part of the fused LoRA path,
 composed modules and evaluation multiply by the same weight in the same dtype as LoRA's training does, and on
 CPU they get its reused buffer too (bnb's CPU layers write a fresh dense weight per call). It replaces bnb's
 forward where bnb's would differ: 8-bit everywhere (bnb's own layer quantizes the activations to int8 outside
-training, ~1 % error against the weight trained with) and 4-bit on CPU; 4-bit on an accelerator keeps bnb's
-forward (the same dequantize-and-multiply, with its single-token inference kernel). On CPUs with AVX512-BF16
+training, ~1 % error against the weight trained with), 4-bit on CPU and in compiled graphs; 4-bit on an
+accelerator otherwise keeps bnb's forward (the same dequantize-and-multiply, with its single-token inference
+kernel). On CPUs with AVX512-BF16
 bnb's `Linear4bit` would also repack its weight into another layout the first time it ran in eval mode
 without gradients (other numerics, a mutated base); `quantize_linear` switches that off.
 """
@@ -80,10 +81,12 @@ class FrozenMatmul(torch.autograd.Function):
 
 
 class Linear4bit(bnb.nn.Linear4bit):
-    """bnb's 4-bit layer; on CPU it multiplies through `FrozenMatmul` (module docstring)."""
+    """bnb's 4-bit layer; on CPU, and in a compiled graph (where a big weight must go through
+    `qtrain::frozen_mm`, not be dequantized in the graph), it multiplies through `FrozenMatmul` (module
+    docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" and not torch.compiler.is_compiling():
             return super().forward(x)
         return FrozenMatmul.apply(x, self.bias, self, matmul_dtype(x, self.compute_dtype))
 
