@@ -11,6 +11,7 @@ by side, alternating, in one process.
     python benchmarks/host_overhead.py --fused    # also qtrain with training.fused_ops on its Triton path
     python benchmarks/host_overhead.py --compiled # also qtrain with training.compile (inductor, C++ on a CPU)
     python benchmarks/host_overhead.py --optimizer paged_adamw_8bit  # both sides on bitsandbytes' optimizer
+    python benchmarks/host_overhead.py --compiled --opaque  # also compiled with every weight through frozen_mm
 
 `--fused` counts what a GPU step would launch with the fused RMSNorm/SwiGLU kernels: the Triton kernels run on
 the CPU under Triton's interpreter (this sets TRITON_INTERPRET=1 before anything imports Triton), each call
@@ -113,6 +114,19 @@ def qtrain_step(folder: Path, tokens: int, fused: bool = False, compiled: bool =
     return step
 
 
+def every_weight_opaque(step):
+    """`step` with quantization.IN_GRAPH_MAX_BYTES = 0 while it runs (it is read, and guarded, when tracing)."""
+    import qtrain.quantization as quantization
+
+    def run():
+        limit, quantization.IN_GRAPH_MAX_BYTES = quantization.IN_GRAPH_MAX_BYTES, 0
+        try:
+            step()
+        finally:
+            quantization.IN_GRAPH_MAX_BYTES = limit
+    return run
+
+
 def peft_step(folder: Path, tokens: int, optimizer: str = "adamw"):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -152,6 +166,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the operators are tiny; "
                     "more threads measure OpenMP's wake-ups, not dispatch)")
     ap.add_argument("--compiled", action="store_true", help="also qtrain with training.compile (timed)")
+    ap.add_argument("--opaque", action="store_true", help="with --compiled: also compiled with every weight "
+                    "multiplied by qtrain::frozen_mm, as a big model's are (quantization.IN_GRAPH_MAX_BYTES)")
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit",
                                                              "paged_adamw_32bit"],
                     help="both sides' optimizer (default adamw: torch's fused; the 8-bit ones: bnb's class for peft)")
@@ -171,8 +187,12 @@ def main() -> None:
             t0 = time.perf_counter()
             steps["qtrain compiled"]()  # compiles the blocks (two graphs: the first block's input needs no grad)
             print(f"qtrain compiled: first step (compiling) {time.perf_counter() - t0:.1f} s")
-        # not the compiled step: dynamo stops running a compiled frame once it has met a dispatch mode
-        counted = {k: v for k, v in steps.items() if k != "qtrain compiled"}
+        if a.compiled and a.opaque:
+            steps["qtrain compiled opaque"] = every_weight_opaque(
+                qtrain_step(folder, a.tokens, compiled=True, optimizer=a.optimizer))
+            steps["qtrain compiled opaque"]()
+        # not the compiled steps: dynamo stops running a compiled frame once it has met a dispatch mode
+        counted = {k: v for k, v in steps.items() if "compiled" not in k}
         if a.fused:
             counted["qtrain fused (Triton)"] = qtrain_step(folder, a.tokens, fused=True, optimizer=a.optimizer)
         for name, step in counted.items():
