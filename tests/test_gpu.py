@@ -516,8 +516,9 @@ def test_traced_4bit_dequantization_equals_bnbs_kernel(quant_type, dtype, blocks
     """The torch-operator dequantization compiled blocks trace (`quantization._dequantize_4bit_torch`) against
     bnb's CUDA kernel, 576-wide rows (SmolLM2's), double quantization. Run eagerly: equal. Compiled by
     inductor into one kernel: equal, except where the compiler contracts the double quantization's multiply and
-    add into one fused multiply-add (one rounding fewer): there at most one unit in `dtype`'s last place, on
-    at most 1 % of the weights. Blocksize 128 does not tile these rows: bnb's CPU kernel is wrong there, which
+    add into one fused multiply-add (one rounding fewer, so a block's absmax may move by its last bit): there
+    within two units in `dtype`'s last place, and in 16 bits on at most 1 % of the weights (an fp32 weight
+    shows every such block). Blocksize 128 does not tile these rows: bnb's CPU kernel is wrong there, which
     qtrain avoids (test_quantization), and its CUDA kernel is right, which this checks."""
     import copy
 
@@ -537,9 +538,9 @@ def test_traced_4bit_dequantization_equals_bnbs_kernel(quant_type, dtype, blocks
     torch._dynamo.reset()
     out = torch.compile(_dequantize_4bit_torch, backend="inductor", dynamic=False)(packed, state, dtype)
     off = out != ref
-    ulp = torch.finfo(dtype).eps * ref.float().abs()
-    assert float(off.float().mean()) <= 0.01
-    assert bool(((out.float() - ref.float()).abs() <= ulp)[off].all())
+    ulp = torch.finfo(dtype).eps * ref.double().abs()
+    assert dtype == torch.float32 or float(off.float().mean()) <= 0.01
+    assert bool(((out.double() - ref.double()).abs() <= 2 * ulp)[off].all())
     torch._dynamo.reset()
 
 
