@@ -21,9 +21,13 @@ CPU they get its reused buffer too (bnb's CPU layers write a fresh dense weight 
 forward where bnb's would differ: 8-bit everywhere (bnb's own layer quantizes the activations to int8 outside
 training, ~1 % error against the weight trained with), 4-bit on CPU and in compiled graphs; 4-bit on an
 accelerator otherwise keeps bnb's forward (the same dequantize-and-multiply, with its single-token inference
-kernel). On CPUs with AVX512-BF16
-bnb's `Linear4bit` would also repack its weight into another layout the first time it ran in eval mode
-without gradients (other numerics, a mutated base); `quantize_linear` switches that off.
+kernel). On CPUs with AVX512-BF16 bnb's `Linear4bit` would also repack its weight into another layout the
+first time it ran in eval mode without gradients (other numerics, a mutated base); `quantize_linear` switches
+that off.
+
+In a compiled graph (`qtrain.compiled`) a small weight is dequantized by torch operators the compiler fuses
+(`_dequantize_4bit_torch`), and a big one is multiplied by the `qtrain::frozen_mm` operator, which holds its
+dense weight only inside (`IN_GRAPH_MAX_BYTES` says why).
 """
 
 from __future__ import annotations
@@ -234,7 +238,6 @@ def _dense_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> 
     return dequantize_4bit(packed, state)
 
 
-
 def _dequantize_4bit_torch(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """bnb's `dequantize_4bit` written in torch operators: each weight is its code's fp32 table value times its
     block's fp32 absmax (under double quantization that absmax is the 8-bit table value times its 256-block
@@ -272,6 +275,7 @@ def _scaled_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -
     n = values.numel()
     blocks = torch.nn.functional.pad(values, (0, -n % blocksize)).view(-1, blocksize)
     return (blocks * scales.view(-1, 1)).view(-1)[:n]
+
 
 _HELD = threading.local()  # .weights: {(id(layer), dtype): dense weight} inside `dequantize_once`
 
