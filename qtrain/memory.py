@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ class Setup:
     mlp_chunk: int | None = None  # training.mlp_chunk_tokens: the tiled MLP's chunk
     host_embeddings: bool = False  # model.embeddings_on_host (untied models only)
     fused: bool = False  # training.fused_ops: norms and silu·up keep only their 16-bit inputs (qtrain.fused)
+    compiled: bool = False  # training.compile in effect: see `compiled_kept_weights`
     shards: int = 1  # devices the parameters and optimizer states are sharded over (FSDP2, `qtrain.sharding`)
 
     @property
@@ -261,6 +263,11 @@ def loss_chunk_tokens(value: int | str, device: str, vocab: int) -> int:
     return chunk
 
 
+# A compiled block's backward keeps a weight it dequantizes in the graph from the recompute to the input
+# gradient; weights above this many dense bytes are multiplied by `qtrain::frozen_mm` instead, which holds one
+# at a time (qtrain.quantization reads the limit from here)
+IN_GRAPH_MAX_BYTES = 8 * MiB
+
 FUSED_CHUNK_ELEMENTS = 1 << 20  # the fused norm's chunk on its plain path (qtrain.fused): 4 MiB per fp32 temporary
 
 
@@ -275,6 +282,8 @@ def estimate(s: Setup) -> Estimate:
     quant = full = packed = 0
     big = 0  # the largest dense weight a quantized linear materialises
     mlp_dense = {}  # per layer: the dense MLP weights the tiled MLP holds through one call (dequantize_once)
+    in_graph = {}  # per layer: the dense weights a compiled block's backward keeps (IN_GRAPH_MAX_BYTES)
+    opaque = 0  # the largest dense weight above that limit (qtrain::frozen_mm's one at a time)
     for name, (i, o) in a.linears().items():
         if name in dense:  # trained fully: fp32 masters, counted with the trainable parameters
             continue
@@ -284,6 +293,11 @@ def estimate(s: Setup) -> Estimate:
             quant += quantized_linear_bytes(i, o, s.bits, e, s.double_quant, s.blocksize)
             packed += packed_linear_bytes(i, o, s.bits, e)
             big = max(big, i * o)
+            if i * o * e <= IN_GRAPH_MAX_BYTES:
+                layer_name = re.match(r"(.*?\.\d+)\.|", name).group(1) or name  # model.layers.3.mlp.x -> …3
+                in_graph[layer_name] = in_graph.get(layer_name, 0) + i * o * e
+            else:
+                opaque = max(opaque, i * o * e)
             if ".mlp." in name:
                 layer_name = name.split(".mlp.")[0]
                 mlp_dense[layer_name] = mlp_dense.get(layer_name, 0) + i * o * e
@@ -354,6 +368,8 @@ def estimate(s: Setup) -> Estimate:
             "logits_and_loss": 0, "dequant_scratch": kept_scratch, "optimizer_step": 0, "gathered_weights": 0,
             "runtime_overhead": overhead}
     transient_scratch = max(scratch - kept_scratch, held)
+    if s.compiled and not tiled and s.bits:  # qtrain.compiled is off beside the tiled MLP
+        transient_scratch = max(transient_scratch, max(in_graph.values(), default=0) + opaque)
     backward = saved + gathered + max(loss_ws, layer_ws + transient_scratch)
     if backward >= opt_scratch:
         comp["activations"], comp["gathered_weights"] = saved, gathered
@@ -446,5 +462,8 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
         # as auto_memory_savers decides; a compiled block (`qtrain.compiled`) is counted as a fused one: the
         # compiler fuses the norm and silu·up, keeping no more than the fused functions do
         fused=t.fused_ops is True or (t.fused_ops == "auto" and device == "cuda") or t.compile is True,
+        # as `qtrain.compiled.decide` decides it where the run starts (a tiled MLP, decided later, turns it off)
+        compiled=t.compile is True or (t.compile == "auto" and device == "cuda" and shards == 1
+                                       and t.fused_ops is not True and not isinstance(t.mlp_chunk_tokens, int)),
         mlp_chunk=t.mlp_chunk_tokens if isinstance(t.mlp_chunk_tokens, int) else None,
     )

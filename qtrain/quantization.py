@@ -47,6 +47,7 @@ from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
 from bitsandbytes.functional import (QuantState, dequantize_4bit, dequantize_blockwise, get_4bit_type, get_ptr,
                                      int8_vectorwise_quant, quantize_4bit, quantize_blockwise)
 
+from qtrain.memory import IN_GRAPH_MAX_BYTES as _PLANNED_IN_GRAPH_MAX_BYTES
 from qtrain.numerics import matmul_dtype
 
 
@@ -388,7 +389,7 @@ def _int8_dense(weight: torch.Tensor, scb: torch.Tensor, out: torch.Tensor) -> t
 # inside: one dense weight at a time again. Smaller weights stay in the graph, where the compiler fuses their
 # dequantization into one kernel; what they keep is at most the block's seven of them (≤ 56 MiB; SmolLM2-135M:
 # 7 MiB in bf16), and on such models the host time of an opaque call would outweigh their GPU work.
-IN_GRAPH_MAX_BYTES = 8 * 2**20
+IN_GRAPH_MAX_BYTES = _PLANNED_IN_GRAPH_MAX_BYTES  # one number, which the planner counts with (qtrain.memory)
 
 
 def _opaque_in_graph(layer: nn.Module, dtype: torch.dtype) -> bool:

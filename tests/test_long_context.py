@@ -243,7 +243,8 @@ def test_planner_tiled_mlp_shrinks_the_layer_working_set(tmp_path, dates_file):
     projection's input (LoRA) and the MLP input, and the LoRA rank-32 intermediates of gate, up and down. The
     layer's backward peaks in its MLP: untiled, two intermediate-sized gradients beside the incoming residual
     one; tiled, the chunk's insides and two intermediate-sized gradients, beside the incoming gradient and the
-    chunked input gradient. The three dense MLP weights are held through the call instead of one."""
+    chunked input gradient. The three dense MLP weights are held through the call instead of one (tiling turns
+    compiled blocks off)."""
     from qtrain.memory import estimate
 
     tokens, chunk, h, i, r = 32768, 4096, 4096, 14336, 32
@@ -253,7 +254,10 @@ def test_planner_tiled_mlp_shrinks_the_layer_working_set(tmp_path, dates_file):
     untiled_moment, tiled_moment = (2 * i + h) * 2 * tokens, (mlp + 2 * i * 2) * chunk + 2 * h * 2 * tokens
     expected = (mlp - h * 2) * tokens + untiled_moment - tiled_moment
     assert plain.details["layer_backward"] - tiled.details["layer_backward"] == expected
-    assert tiled.details["dequant_scratch"] == 3 * h * i * 2 and plain.details["dequant_scratch"] == h * i * 2
+    # untiled, the blocks compile (auto, on a GPU): the backward keeps k and v, dequantized in the graph (8 MiB
+    # each, not above quantization.IN_GRAPH_MAX_BYTES), beside one MLP weight through qtrain::frozen_mm
+    kv = 2 * h * 1024 * 2
+    assert tiled.details["dequant_scratch"] == 3 * h * i * 2 and plain.details["dequant_scratch"] == h * i * 2 + kv
     assert plain.peak - tiled.peak > 2.5 * GiB  # of 23.4 GiB
     short = _setup(tmp_path, dates_file, chunk)  # no longer than a chunk: the plain path, the same numbers
     assert estimate(replace(short, mlp_chunk=chunk)).peak == estimate(short).peak
@@ -436,3 +440,24 @@ def test_a_gpu_loss_chunk_goes_back_to_128_only_when_the_run_would_not_fit(tmp_p
     said.clear()
     assert resolve(cfg, s, estimate(s).peak, autos(cfg), "budget", said.append).training.loss_chunk_size == 512
     assert "loss_chunk_size" not in said[0]  # the device's own chunk is no news (host embeddings are said)
+
+
+def test_planner_counts_the_dense_weights_a_compiled_backward_keeps(tmp_path, dates_file):
+    """Compiled blocks (on by default on a GPU) dequantize weights up to quantization.IN_GRAPH_MAX_BYTES in the
+    graph, and the backward keeps them from the recompute to the input gradients: Llama-3-8B's k and v (8 MiB
+    each in bf16) beside the one big weight `qtrain::frozen_mm` holds at a time (the MLP's, 112 MiB);
+    SmolLM2-135M's seven, all small. `compile: false` holds one dense weight at a time."""
+    from qtrain.memory import IN_GRAPH_MAX_BYTES, estimate, setup_from_config
+
+    h, i = 4096, 14336
+    assert h * 1024 * 2 <= IN_GRAPH_MAX_BYTES < h * h * 2
+    compiled, eager = (estimate(_setup(tmp_path, dates_file, 2048, compiled=c)) for c in (True, False))
+    assert eager.details["dequant_scratch"] == h * i * 2
+    assert compiled.details["dequant_scratch"] == h * i * 2 + 2 * h * 1024 * 2
+    smol = {**L3_8B, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152}
+    s = setup_from_config(_plan_cfg(tmp_path, dates_file, 512), smol, "cuda")
+    assert s.compiled
+    block = (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) * 2
+    assert estimate(s).details["dequant_scratch"] == block
+    assert estimate(replace(s, compiled=False)).details["dequant_scratch"] == 576 * 1536 * 2
