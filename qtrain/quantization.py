@@ -1,4 +1,5 @@
-"""The quantization seam: the only module that imports bitsandbytes.
+"""The quantization seam: the only module that imports bitsandbytes' layers and quantization functions
+(`qtrain.optimizers` wraps its optimizers).
 
 Everything else (PEFT methods, export, the planner) sees a linear layer through four calls:
 
@@ -218,7 +219,8 @@ def dequantized_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> to
         state = quant_state(layer)
         return _dense_4bit(w.data, state, dtype or state.dtype)
     if isinstance(layer, bnb.nn.Linear8bitLt):
-        return _int8_dequantized(layer, torch.empty(w.shape, dtype=dtype or torch.float32, device=w.device))
+        out = torch.empty(w.shape, dtype=dtype or torch.float32, device=w.device)
+        return _int8_dense(w.data, _int8_scb(layer), out)
     dense = w.detach().clone()
     return dense.to(dtype) if dtype is not None else dense
 
@@ -314,13 +316,24 @@ def _matmul_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     w = layer.weight
     if not is_quantized(layer):
         return w.to(dtype)
-    if w.device.type != "cpu" or torch.compiler.is_compiling():  # a compiled graph allocates its own buffers
+    if torch.compiler.is_compiling():  # a compiled graph allocates its own buffers
         return dequantized_weight(layer, dtype)
     if isinstance(layer, bnb.nn.Linear8bitLt):
-        return _int8_dequantized(layer, _scratch(tuple(w.shape), dtype))
-    state = quant_state(layer)
-    out = _dequantize_4bit_cpu(w, state, dtype)
-    return out if out is not None else _dense_4bit(w.data, state, dtype)
+        return _int8_matmul_weight(w.data, _int8_scb(layer), dtype)
+    return _4bit_matmul_weight(w.data, quant_state(layer), dtype)
+
+
+def _4bit_matmul_weight(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """`_matmul_weight` of a 4-bit weight: on CPU in the reused buffer where bnb's kernel applies."""
+    out = _dequantize_4bit_cpu(packed, state, dtype) if packed.device.type == "cpu" else None
+    return out if out is not None else _dense_4bit(packed, state, dtype)
+
+
+def _int8_matmul_weight(weight: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`_matmul_weight` of an 8-bit weight: on CPU in the reused buffer."""
+    out = (_scratch(tuple(weight.shape), dtype) if weight.device.type == "cpu"
+           else torch.empty(weight.shape, dtype=dtype, device=weight.device))
+    return _int8_dense(weight, scb, out)
 
 
 def linear_product(x2: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None,
@@ -356,7 +369,7 @@ def _int8_row_scale(layer: nn.Module, tokens: int, dtype: torch.dtype) -> torch.
     if (not isinstance(layer, bnb.nn.Linear8bitLt) or layer.weight.device.type != "cpu"
             or tokens >= layer.in_features or torch.compiler.is_compiling()):
         return None
-    return _int8_scb(layer).mul(1.0 / 127.0).to(dtype)  # the scale `_int8_dequantized` applies
+    return _int8_scb(layer).mul(1.0 / 127.0).to(dtype)  # the scale `_int8_dense` applies
 
 
 def _int8_values(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -371,13 +384,9 @@ def _int8_scb(layer: nn.Module) -> torch.Tensor:
     return w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
 
 
-def _int8_dequantized(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
+def _int8_dense(weight: torch.Tensor, scb: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """`out` (out, in) ← the int8 weight times row absmax / 127, in out's dtype: exactly how bnb's own training
     matmul (MatMul8bitFp) dequantizes."""
-    return _int8_dense(layer.weight.data, _int8_scb(layer), out)
-
-
-def _int8_dense(weight: torch.Tensor, scb: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(weight).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
 
 
@@ -418,15 +427,13 @@ def _frozen_mm(x, weight, absmax, code, absmax2, code2, offset, bias, blocksize,
     """x · Wᵀ + bias (or x · W) with W (rows, cols) dequantized in x's dtype as eager code does it, then freed."""
     dtype = x.dtype
     if quant_type == "int8":
-        dense = _int8_dense(weight, absmax, torch.empty((rows, cols), dtype=dtype, device=weight.device))
+        dense = _int8_matmul_weight(weight, absmax, dtype)
     else:
         state2 = None if absmax2 is None else QuantState(absmax=absmax2, code=code2, blocksize=blocksize2,
                                                          dtype=torch.float32)
-        state = QuantState(absmax=absmax, shape=torch.Size((rows, cols)), code=code, blocksize=blocksize,
-                           quant_type=quant_type, dtype=dtype, offset=offset, state2=state2)
-        dense = (_dequantize_4bit_cpu(weight, state, dtype) if weight.device.type == "cpu" else None)
-        if dense is None:
-            dense = _dense_4bit(weight, state, dtype)
+        dense = _4bit_matmul_weight(weight, QuantState(absmax=absmax, shape=torch.Size((rows, cols)), code=code,
+                                                       blocksize=blocksize, quant_type=quant_type, dtype=dtype,
+                                                       offset=offset, state2=state2), dtype)
     if transposed:
         return x @ dense
     return x @ dense.T if bias is None else torch.addmm(bias.to(dtype), x, dense.T)
@@ -491,83 +498,3 @@ def weight_nbytes(layer: nn.Module) -> int:
         scb = _int8_scb(layer)
         n += scb.numel() * scb.element_size()
     return n
-
-
-class _StepWithoutWaits:
-    """bitsandbytes' optimizer step without its `torch.cuda.synchronize()` after every parameter.
-
-    bnb's step waits for the GPU after each parameter's update kernel: with LoRA on every linear of a 32-layer
-    model that is ~450 waits per step, the GPU idle through each launch that follows. Kernels on one stream run
-    in order and nothing on the host reads the states between steps, so the waits buy training nothing; a paged
-    optimizer keeps bnb's one wait at the end of the step (its states live in memory the driver may page to the
-    host). The same kernels with the same arguments in the same order: bit-identical to bnb's step (tested).
-
-    Each parameter's update calls bnb's operator directly (`_update`) instead of through `update_step`, whose
-    per-parameter Python (a config dict, device checks, contiguity copies, the functional wrapper) costs ~18 µs
-    a parameter on the host, ~8 ms a step for LoRA on every linear of a 32-layer model: time a GPU waits
-    through where the arithmetic is small. bnb's own `update_step` still serves what `_update` does not
-    cover (per-parameter overrides, update-norm clipping, non-contiguous tensors).
-    """
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if not self.initialized:
-            self.check_overrides()
-            self.to_gpu()
-            self.initialized = True
-        direct = not (self.mng.index2config or self.mng.pid2config or self.args.max_unorm > 0.0)
-        last = None
-        for gindex, group in enumerate(self.param_groups):
-            for pindex, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if len(self.state[p]) == 0:
-                    self.init_state(group, p, gindex, pindex)
-                self.prefetch_state(p)
-                if not (direct and p.is_contiguous() and p.grad.is_contiguous() and self._update(group, p)):
-                    self.update_step(group, p, gindex, pindex)
-                last = p
-        if self.is_paged and last is not None and last.device.type == "cuda":
-            torch.cuda.synchronize(last.device)
-        return loss
-
-    def _update(self, group: dict, p: torch.Tensor) -> bool:
-        """`update_step`'s operator call for a two-state optimizer, with its arguments; False (nothing done) for
-        a state layout it does not know."""
-        state = self.state[p]
-        betas = group["betas"]
-        beta3, alpha = (betas[2] if len(betas) >= 3 else 0.0), group.get("alpha", 0.0)
-        if state["state1"].dtype == torch.uint8:
-            state["step"] += 1
-            torch.ops.bitsandbytes.optimizer_update_8bit_blockwise(
-                self.optimizer_name, p.grad, p, state["state1"], state["state2"], betas[0], betas[1], beta3, alpha,
-                group["eps"], state["step"], group["lr"], state["qmap1"], state["qmap2"], state["absmax1"],
-                state["absmax2"], group["weight_decay"], 1.0, self.args.skip_zeros)
-        elif state["state1"].dtype == torch.float32:
-            state["step"] += 1
-            torch.ops.bitsandbytes.optimizer_update_32bit(
-                self.optimizer_name, p.grad, p, state["state1"], state["state2"], None, 0.0, 0.0, betas[0], betas[1],
-                beta3, alpha, group["eps"], group["weight_decay"], state["step"], group["lr"], 1.0,
-                self.args.skip_zeros)
-        else:
-            return False
-        return True
-
-
-def _without_waits(cls: type) -> type:
-    return type(cls.__name__, (_StepWithoutWaits, cls), {"__doc__": cls.__doc__, "__module__": __name__})
-
-
-_BNB_OPTIMIZERS = {name: _without_waits(cls) for name, cls in (
-    ("adamw_8bit", bnb.optim.AdamW8bit), ("paged_adamw_8bit", bnb.optim.PagedAdamW8bit),
-    ("paged_adamw_32bit", bnb.optim.PagedAdamW32bit))}
-
-
-def make_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """The optimizer class for `training.optimizer`: torch's AdamW, or bitsandbytes' 8-bit and paged ones
-    (with `_StepWithoutWaits`)."""
-    return torch.optim.AdamW if name == "adamw" else _BNB_OPTIMIZERS[name]

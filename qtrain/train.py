@@ -29,7 +29,7 @@ from qtrain.errors import QTrainError
 from qtrain.memory import loss_chunk_tokens
 from qtrain.methods import prepare_inputs
 from qtrain.numerics import count_targets, token_loss_sum
-from qtrain.quantization import make_optimizer_class
+from qtrain.optimizers import make_optimizer_class
 from qtrain.sharding import no_sync
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from qtrain import checkpoint as ck
 from qtrain.checkpoint import Checkpoint, CheckpointError, Progress, latest_valid, prune, step_dirs, write_checkpoint
-from qtrain.quantization import make_optimizer_class
+from qtrain.optimizers import make_optimizer_class
 from conftest import write_config
 
 

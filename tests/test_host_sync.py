@@ -107,7 +107,7 @@ def test_bnb_optimizers_step_like_bnb_bit_for_bit(name, monkeypatch):
     changing between steps (a scheduler), a non-contiguous gradient (bnb's own path), two groups."""
     import bitsandbytes as bnb
 
-    from qtrain.quantization import make_optimizer_class
+    from qtrain.optimizers import make_optimizer_class
 
     ours_cls = make_optimizer_class(name)
     theirs_cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
