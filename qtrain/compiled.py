@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from qtrain.errors import QTrainError
+from qtrain.memory import compiles_by_default
 from qtrain.surgery import decoder_layers
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ def decide(cfg, device_type: str, sharded: bool, fused_auto: bool, say,
     t = cfg.training
     tiled = isinstance(t.mlp_chunk_tokens, int)
     if t.compile == "auto":
-        on = device_type == "cuda" and not tiled and not sharded and (fused_auto or t.fused_ops is False)
+        on = compiles_by_default(device_type, tiled, sharded, "auto" if fused_auto else t.fused_ops)
     elif t.compile and tiled:  # only the savers' auto can have tiled it (the config refuses both)
         say(f"qtrain: compile off: the run needs the tiled MLP (mlp_chunk_tokens auto → {t.mlp_chunk_tokens}), "
             "whose blocks cannot be compiled")

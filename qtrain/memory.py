@@ -73,7 +73,7 @@ class Setup:
     mlp_chunk: int | None = None  # training.mlp_chunk_tokens: the tiled MLP's chunk
     host_embeddings: bool = False  # model.embeddings_on_host (untied models only)
     fused: bool = False  # training.fused_ops: norms and silu·up keep only their 16-bit inputs (qtrain.fused)
-    compiled: bool = False  # training.compile in effect: see `compiled_kept_weights`
+    compiled: bool = False  # training.compile in effect: a block's in-graph dense weights kept (IN_GRAPH_MAX_BYTES)
     shards: int = 1  # devices the parameters and optimizer states are sharded over (FSDP2, `qtrain.sharding`)
 
     @property
@@ -261,6 +261,12 @@ def loss_chunk_tokens(value: int | str, device: str, vocab: int) -> int:
     while chunk * 2 <= LOSS_CHUNK_MAX and chunk * 2 * vocab * 4 <= LOSS_CHUNK_LOGITS:
         chunk *= 2
     return chunk
+
+
+def compiles_by_default(device: str, tiled: bool, sharded: bool, fused_ops: bool | str) -> bool:
+    """What `training.compile: auto` is (`qtrain.compiled.decide`, and the planner): on for a CUDA GPU unless the
+    MLP is tiled, the model is sharded, or `fused_ops: true` was asked for."""
+    return device == "cuda" and not tiled and not sharded and fused_ops is not True
 
 
 # A compiled block's backward keeps a weight it dequantizes in the graph from the recompute to the input
@@ -463,7 +469,7 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
         # compiler fuses the norm and silu·up, keeping no more than the fused functions do
         fused=t.fused_ops is True or (t.fused_ops == "auto" and device == "cuda") or t.compile is True,
         # as `qtrain.compiled.decide` decides it where the run starts (a tiled MLP, decided later, turns it off)
-        compiled=t.compile is True or (t.compile == "auto" and device == "cuda" and shards == 1
-                                       and t.fused_ops is not True and not isinstance(t.mlp_chunk_tokens, int)),
+        compiled=t.compile is True or (t.compile == "auto" and compiles_by_default(
+            device, isinstance(t.mlp_chunk_tokens, int), shards > 1, t.fused_ops)),
         mlp_chunk=t.mlp_chunk_tokens if isinstance(t.mlp_chunk_tokens, int) else None,
     )
