@@ -63,7 +63,8 @@ def save_adapter(directory: str | Path, methods: list[Method], params: dict[str,
                  base_model: str) -> Path:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + name: p.detach().to("cpu").contiguous() for name, p in params.items()}
+    # copies: a bnb optimizer's segments make parameters views of one buffer, which safetensors refuses to write
+    tensors = {PEFT_PREFIX + name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
     for m in methods:  # peft's names where they differ (e.g. prompt tuning's `prompt_embeddings`)
         tensors = m.to_file(tensors)
     portable = portable_base_model(base_model)

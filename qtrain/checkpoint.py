@@ -145,7 +145,8 @@ def write_checkpoint(root: Path, progress: Progress, params: dict[str, torch.Ten
     final = root / f"step-{progress.step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{progress.step}.tmp-", dir=root))
     try:
-        save_file({n: p.detach().to("cpu").contiguous() for n, p in params.items()},
+        # copies: parameters in an optimizer segment share one buffer (qtrain.optimizers._Segment)
+        save_file({n: p.detach().to("cpu", copy=True).contiguous() for n, p in params.items()},
                   str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
         opt_tensors: dict[str, torch.Tensor] = {}
         structure = _encode(optimizer_state, "optimizer", opt_tensors)

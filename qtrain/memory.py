@@ -47,6 +47,11 @@ CUDA_CONTEXT = 512 * MiB  # CUDA context + cuBLAS workspace, outside torch's all
 CPU_RUNTIME = 480 * MiB  # RSS of Python with torch, transformers, bitsandbytes and accelerate imported
 BNB_MIN_8BIT = 4096  # bnb keeps optimizer state of tensors smaller than this in 32-bit (min_8bit_size)
 BNB_PAGED_MIN = 100_000  # bnb pages only state tensors of at least this many elements
+# The most elements one bnb update call takes (qtrain.optimizers._Segment: parameters laid end to end, each on
+# 256-element blocks), and the bytes per element its update holds for the moment: the gradients gathered into one
+# fp32 tensor; on a CPU also bnb's fp32 copies of the two states, the scaled gradient and the denominator.
+OPTIMIZER_SEGMENT_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 20}
+SEGMENT_SCRATCH_BYTES = {"cuda": 4, "cpu": 20}
 GROUPS = {"attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o_in": ("self_attn.o_proj",),
           "mlp_in": ("mlp.gate_proj", "mlp.up_proj"), "down_in": ("mlp.down_proj",)}
 
@@ -319,8 +324,13 @@ def estimate(s: Setup) -> Estimate:
     if s.shards > 1:  # each device keeps 1/N of every parameter, gradient and optimizer state (the constants whole)
         quant, other, trainable, states, paged = (quant - packed + _share(packed, s), _share(other, s),
                                                   _share(trainable, s), _share(states, s), _share(paged, s))
-    # torch's foreach AdamW (default on CUDA) holds one temporary per parameter; bnb and CPU AdamW ~none
-    opt_scratch = trainable if s.device == "cuda" and s.optimizer == "adamw" else 4 * max(sizes, default=0)
+    # torch's foreach AdamW (default on CUDA) holds one temporary per parameter, on a CPU ~none; bnb's update
+    # one segment's temporaries
+    if s.optimizer == "adamw":
+        opt_scratch = trainable if s.device == "cuda" else 4 * max(sizes, default=0)
+    else:
+        segment = min(OPTIMIZER_SEGMENT_ELEMENTS[s.device], sum(math.ceil(n / 256) * 256 for n in sizes))
+        opt_scratch = max(segment * SEGMENT_SCRATCH_BYTES[s.device], 4 * max(sizes, default=0))
 
     n_tok = s.micro_batch * s.tokens
     targets = s.micro_batch * (s.seq_len - 1)  # worst case: every position is a target

@@ -312,6 +312,35 @@ def test_an_optimizer_step_does_not_wait_for_the_gpu(name, monkeypatch):
         assert waits(bnb.optim.AdamW8bit(params, lr=1e-3), params) >= len(params)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+def test_optimizer_segments_update_like_bnb_on_the_device(name, dtype):
+    """One call of bnb's update operator per segment equals bnb's call per parameter on the device, bit for bit:
+    parameters and states, 32-bit and 8-bit, paged (≥ 1e5 elements) and not, sizes that leave a partial block."""
+    import bitsandbytes as bnb
+
+    from qtrain.optimizers import make_optimizer_class
+
+    shapes = [(16, 576), (576, 16), (16, 1536), (1536, 16), (100,), (40, 40), (16, 14336), (14336, 16), (7, 15000)]
+    runs = []
+    for cls in (make_optimizer_class(name), {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit":
+                                             bnb.optim.PagedAdamW8bit, "paged_adamw_32bit":
+                                             bnb.optim.PagedAdamW32bit}[name]):
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, generator=g, device=DEVICE, dtype=dtype)) for s in shapes]
+        opt = cls([{"params": params, "lr": 1e-2, "weight_decay": 0.01}])
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, device=DEVICE, dtype=dtype)
+            opt.step()
+        runs.append(([p.detach().clone() for p in params],
+                     [t.clone() for p in params for t in opt.state[p].values() if torch.is_tensor(t)], opt))
+    (p_ours, s_ours, ours), (p_bnb, s_bnb, _) = runs
+    assert ours.segments and all(s.calls == 4 for s in ours.segments)
+    assert all(torch.equal(a, b) for a, b in zip(p_ours, p_bnb))
+    assert len(s_ours) == len(s_bnb) and all(torch.equal(a, b) for a, b in zip(s_ours, s_bnb))
+
+
 # ------------------------------------------------------------------------------------------------ fused ops
 
 
