@@ -15,6 +15,11 @@ prediction of the allocated peak (`qtrain plan --device cuda`, its CUDA-context 
 does not see it) and its error, the model FLOP utilisation (6 · matmul parameters · tokens per second over the
 measured bf16 rate: the usual convention; a frozen base does 4·N, the recompute 2·N more) and qtrain's speed
 ratio to each baseline. Anything that fails or is missing is reported, not hidden.
+
+`qtrain-profile` (after the comparisons, at 135M 4 × 512 and 8B 1 × 2048) runs qtrain again under torch.profiler
+for steps 4 and 5 and says where a step's time went: host time, kernels and the device's busy time, launches,
+host waits, the kernels and host operators by time, and the longest stretches the device sat idle with the host
+call running at each one's start (DIR/gpu.json; the traces in DIR/profiles/, for chrome://tracing or Perfetto).
 """
 
 from __future__ import annotations
@@ -49,14 +54,16 @@ SHAPES = {  # name: LlamaConfig arguments (vocab comes from the tokenizer for "t
 # off, fused ops on (Triton kernels), the default before compiled blocks; "qtrain-unfused": neither (transformers'
 # RMSNorm and silu·up). They show what each buys where the fixed cost per step shows.
 GRID = [
-    ("135M 4x512", "smol", 4, 512, True, ("qtrain", "peft+prepare", "peft", "qtrain-eager", "qtrain-unfused")),
+    ("135M 4x512", "smol", 4, 512, True, ("qtrain", "peft+prepare", "peft", "qtrain-eager", "qtrain-unfused",
+                                          "qtrain-profile")),
     ("135M 4x512 no-ckpt", "smol", 4, 512, False, ("qtrain",)),
-    ("8B 1x2048", "l3-8b", 1, 2048, True, ("qtrain", "peft+prepare", "peft", "qtrain-eager")),
+    ("8B 1x2048", "l3-8b", 1, 2048, True, ("qtrain", "peft+prepare", "peft", "qtrain-eager", "qtrain-profile")),
     ("8B 1x2048 no-ckpt", "l3-8b", 1, 2048, False, ("qtrain",)),
     ("8B 4x2048", "l3-8b", 4, 2048, True, ("qtrain", "peft+prepare", "peft")),
 ]
 PRIMARY = ("qtrain", "peft+prepare", "peft")  # run first at every point; the rest after, while time is left
-SMOKE_GRID = [("tiny 2x64", "tiny", 2, 64, True, ("qtrain", "peft+prepare", "peft", "qtrain-eager", "qtrain-unfused")),
+SMOKE_GRID = [("tiny 2x64", "tiny", 2, 64, True, ("qtrain", "peft+prepare", "peft", "qtrain-eager", "qtrain-unfused",
+                                                  "qtrain-profile")),
               ("tiny 2x64 no-ckpt", "tiny", 2, 64, False, ("qtrain",))]
 RANK = 16
 
@@ -218,14 +225,20 @@ def matmul_params(shape: str, vocab: int) -> int:
 # ---------------------------------------------------------------------------------------------------- children
 
 
-def child_qtrain(config: str) -> None:
-    """`qtrain run CONFIG` in this process, then one JSON line: step times from metrics.jsonl and peak memory."""
+def child_qtrain(config: str, profile_dir: str | None = None) -> None:
+    """`qtrain run CONFIG` in this process, then one JSON line: step times from metrics.jsonl and peak memory.
+    With `profile_dir`: torch.profiler over steps 4 and 5 (`profiled`), its summary in the line."""
     import torch
     import yaml
 
     from qtrain.cli import main
 
-    rc = main(["run", config])
+    found: dict = {}
+    if profile_dir:
+        with profiled(Path(profile_dir), found):
+            rc = main(["run", config])
+    else:
+        rc = main(["run", config])
     run_dir = Path(yaml.safe_load(open(config))["output"]["dir"])
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "loss" in r and "elapsed_s" in r]
@@ -234,7 +247,110 @@ def child_qtrain(config: str) -> None:
     print(json.dumps({"rc": rc, "step_times": [round(b - a, 4) for a, b in zip(elapsed, elapsed[1:])],
                       "losses": [r["loss"] for r in steps], "fused_ops": summary.get("fused_ops_backend"),
                       "compile": summary.get("compile"), "first_step_s": elapsed[0] if elapsed else None,
-                      **peaks(torch)}))
+                      **peaks(torch), **({"profile": found["summary"]} if "summary" in found else {})}))
+
+
+# ---------------------------------------------------------------------------------------------------- profile
+
+# host calls that wait for the GPU (a memcpy to pageable host memory waits too) and that launch a kernel
+WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+PROFILE_STEPS = dict(wait=2, warmup=1, active=2)  # steps 1-2 compile and settle, 3 warms the profiler up
+
+
+class profiled:
+    """torch.profiler around a whole `qtrain run`, stepped by every optimizer step (a global post-step hook:
+    nothing in qtrain knows), recording steps 4 and 5. On the trace: `found["summary"]`
+    (`profile_summary` of its events, plus the host operators by self time) and `DIR/trace.json.gz`."""
+
+    def __init__(self, folder: Path, found: dict):
+        self.folder, self.found = folder, found
+
+    def __enter__(self):
+        import torch
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.prof = profile(activities=activities, schedule=schedule(**PROFILE_STEPS, repeat=1),
+                            on_trace_ready=self.ready)
+        self.hook = register_optimizer_step_post_hook(lambda *_: self.prof.step())
+        self.prof.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        self.prof.stop()
+
+    def ready(self, prof) -> None:
+        import gzip
+
+        from torch.autograd import DeviceType
+
+        events = []
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                kind = "device"
+            elif e.name.startswith("ProfilerStep"):
+                kind = "step"
+            else:
+                kind = "runtime" if e.name.startswith("cu") else "op"
+            events.append({"name": e.name, "kind": kind, "start": e.time_range.start, "end": e.time_range.end})
+        summary = profile_summary(events)
+        n = max(summary["steps"], 1)
+        ops = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:12]
+        summary["host_ops_by_self_time"] = [{"name": a.key[:80], "calls": round(a.count / n, 1),
+                                             "ms": round(a.self_cpu_time_total / 1e3 / n, 2)} for a in ops]
+        self.found["summary"] = summary
+        self.folder.mkdir(parents=True, exist_ok=True)
+        trace = self.folder / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as f, gzip.open(self.folder / "trace.json.gz", "wb") as g:
+            shutil.copyfileobj(f, g)
+        trace.unlink()
+        (self.folder / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def profile_summary(events: list[dict]) -> dict:
+    """Per profiled step (mean over the steps): host time, device kernels and their busy time (the union of
+    their intervals), the time the device sat idle, launches and host waits; the kernels by total time; and the
+    longest idle gaps with the host call running when each began (the innermost one: often a wait, or the
+    Python between two launches). `events`: name, kind ("step", "device", "runtime", "op"), start, end in µs."""
+    steps = sorted((e for e in events if e["kind"] == "step"), key=lambda e: e["start"])
+    host = [e for e in events if e["kind"] in ("runtime", "op")]
+    kernels: dict[str, list[float]] = {}
+    rows, gaps = [], []
+    for s in steps:
+        inside = [e for e in events if s["start"] <= e["start"] < s["end"]]
+        device = sorted((e for e in inside if e["kind"] == "device"), key=lambda e: e["start"])
+        busy, merged = 0.0, []
+        for e in device:
+            kernels.setdefault(e["name"], []).append(e["end"] - e["start"])
+            if merged and e["start"] <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e["end"])
+            else:
+                merged.append([e["start"], e["end"]])
+        busy = sum(b - a for a, b in merged)
+        edges = [s["start"]] + [x for m in merged for x in m] + [s["end"]]
+        for a, b in zip(edges[::2], edges[1::2]):  # idle: before the first kernel, between, after the last
+            if b > a:
+                running = [h for h in host if h["start"] <= a < h["end"]]
+                gaps.append({"ms": round((b - a) / 1e3, 3), "at_ms": round((a - s["start"]) / 1e3, 3),
+                             "host": min(running, key=lambda h: h["end"] - h["start"])["name"][:80]
+                             if running else None})
+        rows.append({"step_ms": (s["end"] - s["start"]) / 1e3, "device_kernels": len(device),
+                     "device_busy_ms": busy / 1e3, "device_idle_ms": (s["end"] - s["start"] - busy) / 1e3,
+                     "launches": sum(e["name"] in LAUNCHES for e in inside),
+                     "host_waits": sum(e["name"] in WAITS for e in inside),
+                     "host_wait_ms": sum(e["end"] - e["start"] for e in inside if e["name"] in WAITS) / 1e3})
+    n = len(rows)
+    out = {"steps": n, **{k: round(sum(r[k] for r in rows) / n, 3) if n else None for k in (
+        "step_ms", "device_kernels", "device_busy_ms", "device_idle_ms", "launches", "host_waits", "host_wait_ms")}}
+    out["device_busy_fraction"] = round(out["device_busy_ms"] / out["step_ms"], 3) if n and out["step_ms"] else None
+    out["kernels_by_time"] = [{"name": k[:80], "per_step": round(len(v) / n, 1), "ms": round(sum(v) / 1e3 / n, 3)}
+                              for k, v in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:12]]
+    out["longest_idle_gaps"] = sorted(gaps, key=lambda g: -g["ms"])[:8]
+    return out
 
 
 def child_peft(model: str, data: str, steps: int, batch: int, seq: int, prep: bool, ckpt: bool) -> None:
@@ -373,9 +489,10 @@ def run(args) -> int:
         print(f"checkpoint {shape}: {s:.0f} s", flush=True)
     points = [{"point": label, "shape": shape, "micro_batch": batch, "seq": seq, "checkpointing": ckpt,
                "runs": {system: None for system in systems}} for label, shape, batch, seq, ckpt, systems in grid]
-    # the comparisons the issue asks for first, every point's; then qtrain's variants: a short --deadline (a lent
-    # GPU's few minutes) drops what matters least
-    order = sorted(((p, system) for p in points for system in p["runs"]), key=lambda ps: ps[1] not in PRIMARY)
+    # the comparisons the issue asks for first, every point's; then the profiles; then qtrain's variants: a short
+    # --deadline (a lent GPU's few minutes) drops what matters least
+    order = sorted(((p, system) for p in points for system in p["runs"]),
+                   key=lambda ps: 0 if ps[1] in PRIMARY else 1 if ps[1] == "qtrain-profile" else 2)
     for point, system in order:
         label, shape, batch, seq, ckpt = (point[k] for k in ("point", "shape", "micro_batch", "seq", "checkpointing"))
         steps = 6 if shape == "l3-8b" else 8
@@ -391,9 +508,10 @@ def run(args) -> int:
                                          rank=RANK, alpha=2 * RANK, data=data, seq=seq, batch=batch,
                                          steps=steps, ckpt=str(ckpt).lower(), out=work / "runs" / name,
                                          fused="false" if system == "qtrain-unfused" else "auto",
-                                         compile="auto" if system == "qtrain" else "false"))
+                                         compile="auto" if system in ("qtrain", "qtrain-profile") else "false"))
             shutil.rmtree(work / "runs" / name, ignore_errors=True)
-            r = child(["child-qtrain", str(cfg)], min(left, args.timeout), log)
+            profile = [str(out / "profiles" / name)] if system == "qtrain-profile" else []
+            r = child(["child-qtrain", str(cfg), *profile], min(left, args.timeout), log)
             r["planned_allocated_mib"] = planned_allocated_mib(cfg)
         else:
             r = child(["child-peft", str(work / shape), str(data), str(steps), str(batch), str(seq),
@@ -403,12 +521,13 @@ def run(args) -> int:
     for point in points:
         q = point["runs"].get("qtrain", {})
         for system, b in point["runs"].items():
-            if system != "qtrain" and "s_per_step" in q and "s_per_step" in b:
+            if system not in ("qtrain", "qtrain-profile") and "s_per_step" in q and "s_per_step" in b:
                 point[f"speed_vs_{system}"] = round(b["s_per_step"] / q["s_per_step"], 2)
         result["points"].append(point)
     result["seconds"] = round(time.perf_counter() - start)
     (out / "gpu.json").write_text(json.dumps(result, indent=1))
     print(table(result))
+    print(profile_table(result))
     print(f"{result['seconds']} s; written to {out / 'gpu.json'}")
     return 0
 
@@ -422,7 +541,7 @@ def summarise(r: dict, tokens: int, n_matmul: int, tflops: float) -> dict:
            "mfu": round(6 * n_matmul * tokens / s / (tflops * 1e12), 3)}
     if "fused_ops" in r:
         out["fused_ops"] = r["fused_ops"]  # the backend the fused ops ran on ("triton", "torch"), or None: off
-    for k in ("compile", "first_step_s"):  # compiled blocks; the first step's seconds (compiling them)
+    for k in ("compile", "first_step_s", "profile"):  # compiled blocks; the first step (compiling them); a trace
         if k in r:
             out[k] = r[k]
     for k in ("peak_allocated_mib", "peak_reserved_mib", "peak_rss_mib", "planned_allocated_mib"):
@@ -461,6 +580,24 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def profile_table(result: dict) -> str:
+    """Where a profiled step's time went (`profile_summary`), per profiled point."""
+    rows = []
+    for p in result["points"]:
+        r = (p["runs"].get("qtrain-profile") or {}).get("profile")
+        if not r or not r["steps"]:
+            continue
+        busy = f"{r['device_busy_fraction']:.0%}" if r["device_busy_fraction"] is not None else "-"
+        rows += [f"profile {p['point']}: step {r['step_ms']:.1f} ms, device busy {r['device_busy_ms']:.1f} ms "
+                 f"({busy}), {r['device_kernels']:.0f} kernels, {r['launches']:.0f} launches, "
+                 f"{r['host_waits']:.0f} host waits ({r['host_wait_ms']:.1f} ms)"]
+        rows += [f"  kernel {k['ms']:8.2f} ms  x{k['per_step']:<6} {k['name']}" for k in r["kernels_by_time"][:6]]
+        rows += [f"  host   {k['ms']:8.2f} ms  x{k['calls']:<6} {k['name']}" for k in r["host_ops_by_self_time"][:6]]
+        rows += [f"  idle   {g['ms']:8.2f} ms  at {g['at_ms']:.1f} ms, host in {g['host']}"
+                 for g in r["longest_idle_gaps"][:5]]
+    return "\n".join(rows)
+
+
 def default_tokenizer() -> Path:
     from qtrain.locate import cache_dir
 
@@ -472,7 +609,7 @@ def default_tokenizer() -> Path:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "child-qtrain":
-        child_qtrain(sys.argv[2])
+        child_qtrain(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "child-peft":
         m, d, steps, b, t, prep, ckpt = sys.argv[2:9]

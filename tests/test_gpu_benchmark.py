@@ -44,3 +44,31 @@ def test_matmul_parameters_of_llama_3_8b():
     # 32 layers x (q, k, v, o at 4096 wide with 8 of 32 heads for k, v; three 4096 x 14336 MLP matrices) + head
     assert gpu.matmul_params("l3-8b", 0) == 32 * (4096 * 128 * (2 * 32 + 2 * 8) + 3 * 4096 * 14336) + 128256 * 4096
     assert 6.9e9 < gpu.matmul_params("l3-8b", 0) < 7.6e9
+
+
+def test_profile_summary_finds_the_devices_idle_time_and_what_the_host_was_doing():
+    """Two steps of 10 ms: kernels busy 2 + 3.5 ms (overlapping ones counted once) in the first, and an idle
+    stretch while the host waits on a synchronisation; the second all idle under a Python op."""
+    gpu = load()
+
+    def ev(name, kind, start_ms, end_ms):
+        return {"name": name, "kind": kind, "start": start_ms * 1e3, "end": end_ms * 1e3}
+
+    events = [ev("ProfilerStep#4", "step", 0, 10), ev("ProfilerStep#5", "step", 10, 20),
+              ev("gemm", "device", 1, 3), ev("gemm", "device", 2, 3), ev("norm", "device", 6, 9.5),
+              ev("cudaLaunchKernel", "runtime", 0.5, 0.6), ev("cudaLaunchKernel", "runtime", 1.0, 1.1),
+              ev("aten::item", "op", 3, 6), ev("cudaStreamSynchronize", "runtime", 3.1, 5.9),
+              ev("optimizer step", "op", 10, 20)]
+    r = gpu.profile_summary(events)
+    assert r["steps"] == 2 and r["step_ms"] == 10.0
+    assert r["device_busy_ms"] == 2.75 and r["device_idle_ms"] == 7.25 and r["device_busy_fraction"] == 0.275
+    assert r["device_kernels"] == 1.5 and r["launches"] == 1.0 and r["host_waits"] == 0.5
+    assert r["host_wait_ms"] == 1.4
+    assert r["kernels_by_time"][0] == {"name": "norm", "per_step": 0.5, "ms": 1.75}
+    assert r["kernels_by_time"][1] == {"name": "gemm", "per_step": 1.0, "ms": 1.5}
+    gaps = r["longest_idle_gaps"]
+    assert gaps[0] == {"ms": 10.0, "at_ms": 0.0, "host": "optimizer step"}
+    # the idle stretch from 3 to 6 ms began inside aten::item's wait
+    assert {"ms": 3.0, "at_ms": 3.0, "host": "aten::item"} in gaps
+    assert {"ms": 0.5, "at_ms": 9.5, "host": None} in gaps and {"ms": 1.0, "at_ms": 0.0, "host": None} in gaps
+    assert len(gaps) == 4
