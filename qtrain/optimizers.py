@@ -38,10 +38,8 @@ class _Segment:
     know) leaves those parameters to bnb's per-parameter path.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, gindex: int, members: list[tuple[int, torch.Tensor]],
-                 eight_bit: bool, paged: bool):
-        self.gindex, self.members, self.eight_bit, self.paged = gindex, members, eight_bit, paged
-        self.params = [p for _, p in members]
+    def __init__(self, gindex: int, params: list[torch.Tensor], eight_bit: bool, paged: bool):
+        self.gindex, self.params, self.eight_bit, self.paged = gindex, params, eight_bit, paged
         sizes = [p.numel() for p in self.params]
         padded = [math.ceil(n / BLOCK) * BLOCK for n in sizes]
         self.offsets = [sum(padded[:i]) for i in range(len(padded))]
@@ -82,20 +80,10 @@ class _Segment:
         step = states[self.params[0]]["step"] + 1
         for p in self.params:
             states[p]["step"] = step
-        grad, b, s = torch.cat(pieces), group["betas"], self.buffers
         if self.paged:  # bnb's prefetch_state, for the whole buffers
-            bnb.functional.prefetch_tensor(s["state1"])
-            bnb.functional.prefetch_tensor(s["state2"])
-        beta3, alpha = (b[2] if len(b) >= 3 else 0.0), group.get("alpha", 0.0)
-        if self.eight_bit:
-            torch.ops.bitsandbytes.optimizer_update_8bit_blockwise(
-                opt.optimizer_name, grad, self.flat, s["state1"], s["state2"], b[0], b[1], beta3, alpha,
-                group["eps"], step, group["lr"], s["qmap1"], s["qmap2"], s["absmax1"], s["absmax2"],
-                group["weight_decay"], 1.0, opt.args.skip_zeros)
-        else:
-            torch.ops.bitsandbytes.optimizer_update_32bit(
-                opt.optimizer_name, grad, self.flat, s["state1"], s["state2"], None, 0.0, 0.0, b[0], b[1], beta3,
-                alpha, group["eps"], group["weight_decay"], step, group["lr"], 1.0, opt.args.skip_zeros)
+            bnb.functional.prefetch_tensor(self.buffers["state1"])
+            bnb.functional.prefetch_tensor(self.buffers["state2"])
+        _bnb_update(opt, group, step, torch.cat(pieces), self.flat, self.buffers)
         self.calls += 1
         return True
 
@@ -202,26 +190,30 @@ class _StepWithoutWaits:
         return loss
 
     def _update(self, group: dict, p: torch.Tensor) -> bool:
-        """`update_step`'s operator call for a two-state optimizer, with its arguments; False (nothing done) for
-        a state layout it does not know."""
+        """`update_step`'s operator call, for one parameter; False (nothing done) for a state layout it does not
+        know."""
         state = self.state[p]
-        betas = group["betas"]
-        beta3, alpha = (betas[2] if len(betas) >= 3 else 0.0), group.get("alpha", 0.0)
-        if state["state1"].dtype == torch.uint8:
-            state["step"] += 1
-            torch.ops.bitsandbytes.optimizer_update_8bit_blockwise(
-                self.optimizer_name, p.grad, p, state["state1"], state["state2"], betas[0], betas[1], beta3, alpha,
-                group["eps"], state["step"], group["lr"], state["qmap1"], state["qmap2"], state["absmax1"],
-                state["absmax2"], group["weight_decay"], 1.0, self.args.skip_zeros)
-        elif state["state1"].dtype == torch.float32:
-            state["step"] += 1
-            torch.ops.bitsandbytes.optimizer_update_32bit(
-                self.optimizer_name, p.grad, p, state["state1"], state["state2"], None, 0.0, 0.0, betas[0], betas[1],
-                beta3, alpha, group["eps"], group["weight_decay"], state["step"], group["lr"], 1.0,
-                self.args.skip_zeros)
-        else:
+        if state["state1"].dtype not in (torch.uint8, torch.float32):
             return False
+        state["step"] += 1
+        _bnb_update(self, group, state["step"], p.grad, p, state)
         return True
+
+
+def _bnb_update(opt, group: dict, step: int, grad: torch.Tensor, p: torch.Tensor, s: dict) -> None:
+    """bnb's update operator for a two-state optimizer, as `update_step` calls it: `p` and its states `s`
+    (state1, state2; 8-bit ones with qmap1/2 and absmax1/2) after `step` steps, in place."""
+    b = group["betas"]
+    beta3, alpha = (b[2] if len(b) >= 3 else 0.0), group.get("alpha", 0.0)
+    if s["state1"].dtype == torch.uint8:
+        torch.ops.bitsandbytes.optimizer_update_8bit_blockwise(
+            opt.optimizer_name, grad, p, s["state1"], s["state2"], b[0], b[1], beta3, alpha, group["eps"], step,
+            group["lr"], s["qmap1"], s["qmap2"], s["absmax1"], s["absmax2"], group["weight_decay"], 1.0,
+            opt.args.skip_zeros)
+    else:
+        torch.ops.bitsandbytes.optimizer_update_32bit(
+            opt.optimizer_name, grad, p, s["state1"], s["state2"], None, 0.0, 0.0, b[0], b[1], beta3, alpha,
+            group["eps"], group["weight_decay"], step, group["lr"], 1.0, opt.args.skip_zeros)
 
 
 def _segments(opt) -> list[_Segment]:
@@ -231,8 +223,8 @@ def _segments(opt) -> list[_Segment]:
     subclasses such as FSDP's shards), and runs of one."""
     segments = []
     for gindex, group in enumerate(opt.param_groups):
-        kinds: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
-        for pindex, p in enumerate(group["params"]):
+        kinds: dict[tuple, list[torch.Tensor]] = {}
+        for p in group["params"]:
             if not (type(p.data) is torch.Tensor and p.device.type in OPTIMIZER_SEGMENT_ELEMENTS
                     and p.is_contiguous()
                     and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
@@ -240,17 +232,17 @@ def _segments(opt) -> list[_Segment]:
                 continue
             eight_bit = opt.args.optim_bits == 8 and p.numel() >= opt.args.min_8bit_size
             paged = opt.is_paged and p.device.type == "cuda" and p.numel() >= BNB_PAGED_MIN
-            kinds.setdefault((p.device, p.dtype, eight_bit, paged), []).append((pindex, p))
-        for (device, _, eight_bit, paged), members in kinds.items():
+            kinds.setdefault((p.device, p.dtype, eight_bit, paged), []).append(p)
+        for (device, _, eight_bit, paged), params in kinds.items():
             run, size = [], 0
-            for pindex, p in members + [(None, None)]:
+            for p in params + [None]:
                 n = math.ceil(p.numel() / BLOCK) * BLOCK if p is not None else 0
                 if p is None or (run and size + n > OPTIMIZER_SEGMENT_ELEMENTS[device.type]):
                     if len(run) > 1:
-                        segments.append(_Segment(opt, gindex, run, eight_bit, paged))
+                        segments.append(_Segment(gindex, run, eight_bit, paged))
                     run, size = [], 0
                 if p is not None:
-                    run.append((pindex, p))
+                    run.append(p)
                     size += n
     return segments
 
