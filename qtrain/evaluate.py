@@ -21,7 +21,7 @@ from torch import nn
 from qtrain.config import DataSection, RunConfig
 from qtrain.data import Formatter, _adds_bos, collate, load_rows
 from qtrain.methods import prepare_inputs
-from qtrain.train import batch_loss_sum
+from qtrain.train import batch_loss_sum, without_right_padding_mask
 from qtrain.numerics import count_targets
 
 
@@ -33,9 +33,9 @@ def eval_loss(model: nn.Module, dataset, micro_batch_size: int, pad_id: int, chu
     total = count = 0.0
     for start in range(0, len(dataset), micro_batch_size):
         batch = collate([dataset[i] for i in range(start, min(len(dataset), start + micro_batch_size))], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        total += float(batch_loss_sum(model, batch, chunk_size))
         count += count_targets(batch["labels"])
+        batch = {k: v.to(device) for k, v in without_right_padding_mask(batch).items()}
+        total += float(batch_loss_sum(model, batch, chunk_size))
     model.train(was_training)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}

@@ -90,8 +90,9 @@ class Setup:
         return self.tokens + sum(b.extra_keys() for b in self.blocks)
 
     @property
-    def masked(self) -> bool:  # transformers builds an attention mask (padding, or keys longer than queries)
-        return self.micro_batch > 1 or self.keys > self.tokens
+    def masked(self) -> bool:  # transformers builds an attention mask: keys longer than queries (prefix tuning);
+        # padding goes in as no mask at all (qtrain.train.without_right_padding_mask: `collate` pads on the right)
+        return self.keys > self.tokens
 
 
 @dataclass

@@ -40,7 +40,20 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     either, the examples of a row would attend to each other."""
     keys = ("input_ids", "position_ids", "labels") if "position_ids" in batch else \
         ("input_ids", "attention_mask", "labels")
-    return {k: batch[k] for k in keys}
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def without_right_padding_mask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A host batch without its attention mask where each row's padding is all on the right (as `collate`
+    pads), or there is none: causal attention alone then gives every real position the same result (padding
+    comes after a row's real tokens, so no real query sees it, and padding has no targets: it adds nothing to
+    the loss or the gradients). Given the mask, transformers reads it back from the device each forward to see
+    whether it may drop it (on a GPU a wait for the queue to drain) and, where a row is padded, attends through
+    a masked kernel instead of the causal one. Decided here, on the host, where reading it costs nothing."""
+    mask = batch.get("attention_mask")
+    if mask is None or not bool((mask[:, 1:] <= mask[:, :-1]).all()):  # (B, T) of 1s then 0s per row
+        return batch
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -89,7 +102,7 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
 def mean_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, accelerator) -> torch.Tensor:
     """One batch's mean token loss, on the accelerator's device and under its autocast (method calibration)."""
     n_targets = count_targets(batch["labels"])
-    batch = to_device(batch, accelerator.device)
+    batch = to_device(without_right_padding_mask(batch), accelerator.device)
     with accelerator.autocast():
         return batch_loss_sum(model, batch, chunk_size, n_targets=n_targets) / max(1, n_targets)
 
@@ -111,7 +124,7 @@ def step_gradients(model: nn.Module, micro: list[dict[str, torch.Tensor]], accel
     scale = accelerator.num_processes / n_targets  # DDP averages over processes; this undoes it
     loss_sum = torch.zeros((), device=device)
     for i, (batch, count) in enumerate(zip(micro, counts)):
-        batch = to_device(batch, device)
+        batch = to_device(without_right_padding_mask(batch), device)
         with nullcontext() if i == len(micro) - 1 else no_sync(model, accelerator):
             with accelerator.autocast():
                 part = batch_loss_sum(model, batch, chunk_size, n_targets=count)

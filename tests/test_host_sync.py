@@ -24,8 +24,9 @@ from qtrain.numerics import IGNORE_INDEX, target_rows
 READS_BACK = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique", "_unique2",
               "masked_scatter", "bincount", "repeat_interleave"}
 # Where a read is expected and costs the device nothing: the loop's bookkeeping on host batches (run before
-# they move), and transformers' own padding check while it builds the attention mask (once per forward).
-ON_HOST = {("numerics.py", "count_targets"), ("train.py", "real_tokens")}
+# they move); and transformers' own check while it builds the attention mask (once per forward: whether a given
+# mask may be dropped, or, given none, whether the positions restart, i.e. rows are packed).
+ON_HOST = {("numerics.py", "count_targets"), ("train.py", "real_tokens"), ("train.py", "without_right_padding_mask")}
 TRANSFORMERS_MASK = "masking_utils.py"
 
 
@@ -79,6 +80,54 @@ def test_a_training_step_reads_the_device_once(tiny_model_dir, padded_dates, mon
     # the host bookkeeping is what the test exempts, so it must be what it says: one count per micro-batch
     assert mode.places.count(("numerics.py", "count_targets")) == 3 * 2
     assert sum(p[0] == TRANSFORMERS_MASK for p in mode.places) <= 2 * 3 * 2  # transformers': per forward
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix_tuning"])
+def test_right_padded_rows_without_their_mask_give_the_masked_loss_and_gradients(tiny_model_dir, method):
+    """Causal attention alone gives a right-padded row's real positions what the padding mask gives them, so
+    the loss and the gradients are the masked forward's (to rounding: another attention kernel); unpadded rows
+    bit for bit (transformers drops an all-ones mask itself). Left padding keeps its mask."""
+    from qtrain.methods.blocks import PrefixTuningBlock
+    from qtrain.numerics import count_targets
+    from qtrain.train import batch_loss_sum, without_right_padding_mask
+
+    loaded = load_model(ModelSection(path=str(tiny_model_dir)), QuantizationSection(bits=4), torch.device("cpu"))
+    torch.manual_seed(0)
+    block = LoRABlock(method="lora", r=4, alpha=8, dropout=0.0) if method == "lora" else \
+        PrefixTuningBlock(method="prefix_tuning", num_virtual_tokens=3)
+    (m,) = build_methods([block])
+    params = list(m.attach(loaded.model).values())
+    if method == "lora":  # B away from zero: every LoRA matrix gets a gradient
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(3, 200, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[2, 8:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    padded = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    assert "attention_mask" not in without_right_padding_mask(padded)
+    left = {**padded, "attention_mask": mask.flip(1)}
+    assert without_right_padding_mask(left) is left
+
+    def loss_and_grads(batch):
+        for p in params:
+            p.grad = None
+        loss = batch_loss_sum(loaded.model, batch, 128, n_targets=count_targets(batch["labels"]))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    for batch, exact in ((padded, False), (full, True)):
+        loss0, g0 = loss_and_grads(batch)
+        loss1, g1 = loss_and_grads(without_right_padding_mask(batch))
+        assert all(g.abs().sum() > 0 for g in g0)
+        if exact:
+            assert torch.equal(loss0, loss1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+        else:
+            assert torch.allclose(loss0, loss1, rtol=1e-5)
+            assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a.abs().max())) for a, b in zip(g0, g1))
 
 
 def test_known_target_count_picks_the_same_rows_bit_for_bit():

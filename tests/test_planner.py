@@ -90,7 +90,7 @@ def _saved_and_predicted(tmp_path, model_dir, dates_file, micro_batch=3, **secti
 def saved_bytes(model: nn.Module, chunk_size: int, micro_batch: int = 3) -> int:
     """Bytes autograd saves in one training forward of `model` over a (micro_batch, 96) batch whose last row
     has padding when there are several (parameters and buffers excluded, each storage once)."""
-    from qtrain.train import batch_loss_sum
+    from qtrain.train import batch_loss_sum, without_right_padding_mask
 
     model.train()
     existing = {id(t.untyped_storage()) for t in list(model.parameters()) + list(model.buffers())}
@@ -106,8 +106,8 @@ def saved_bytes(model: nn.Module, chunk_size: int, micro_batch: int = 3) -> int:
     mask = torch.ones_like(ids)
     mask[-1, -8:] = 0 if micro_batch > 1 else 1
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        batch_loss_sum(model, {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)},
-                       chunk_size)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        batch_loss_sum(model, without_right_padding_mask(batch), chunk_size)  # as training gives it
     return sum(saved.values())
 
 
