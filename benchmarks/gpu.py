@@ -332,12 +332,8 @@ def profile_summary(events: list[dict]) -> dict:
                 merged.append([e["start"], e["end"]])
         busy = sum(b - a for a, b in merged)
         edges = [s["start"]] + [x for m in merged for x in m] + [s["end"]]
-        for a, b in zip(edges[::2], edges[1::2]):  # idle: before the first kernel, between, after the last
-            if b > a:
-                running = [h for h in host if h["start"] <= a < h["end"]]
-                gaps.append({"ms": round((b - a) / 1e3, 3), "at_ms": round((a - s["start"]) / 1e3, 3),
-                             "host": min(running, key=lambda h: h["end"] - h["start"])["name"][:80]
-                             if running else None})
+        # idle: before the first kernel, between kernels, after the last
+        gaps += [(b - a, a, s["start"]) for a, b in zip(edges[::2], edges[1::2]) if b > a]
         rows.append({"step_ms": (s["end"] - s["start"]) / 1e3, "device_kernels": len(device),
                      "device_busy_ms": busy / 1e3, "device_idle_ms": (s["end"] - s["start"] - busy) / 1e3,
                      "launches": sum(e["name"] in LAUNCHES for e in inside),
@@ -349,7 +345,12 @@ def profile_summary(events: list[dict]) -> dict:
     out["device_busy_fraction"] = round(out["device_busy_ms"] / out["step_ms"], 3) if n and out["step_ms"] else None
     out["kernels_by_time"] = [{"name": k[:80], "per_step": round(len(v) / n, 1), "ms": round(sum(v) / 1e3 / n, 3)}
                               for k, v in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:12]]
-    out["longest_idle_gaps"] = sorted(gaps, key=lambda g: -g["ms"])[:8]
+    longest = []
+    for length, at, step_start in sorted(gaps, key=lambda g: -g[0])[:8]:  # the host call running at each start
+        running = [h for h in host if h["start"] <= at < h["end"]]
+        longest.append({"ms": round(length / 1e3, 3), "at_ms": round((at - step_start) / 1e3, 3),
+                        "host": min(running, key=lambda h: h["end"] - h["start"])["name"][:80] if running else None})
+    out["longest_idle_gaps"] = longest
     return out
 
 
