@@ -188,10 +188,9 @@ def _layer_saved_per_token(s: Setup, layer: int) -> tuple[float, float]:
     total += (q + 2 * kv_saved * s.keys / s.tokens) * e  # rotated q, and k and v with any prefix in front
     if s.attention == "sdpa":
         total += q * e + a.heads * 4  # its own output and the fp32 log-sum-exp per head
-        # torch turns a boolean mask into a float one in the compute dtype, kept by every layer's sdpa: counted
-        # where a prefix forces the mask (a padding mask's copy is left to the terms benchmarks/PLANNER.md
-        # calibrated without it: counting it there too over-predicts its points by up to 10 %)
-        total += s.keys * e if s.keys > s.tokens else 0
+        # torch turns a boolean mask into a float one in the compute dtype, kept by every layer's sdpa: where a
+        # prefix forces the mask (padding makes none: `Setup.masked`)
+        total += s.keys * e if s.masked else 0
     else:  # eager: softmax output (fp32) and the copy in the compute dtype that multiplies v
         total += a.heads * s.keys * (4 + (e if e != 4 else 0))
     mlp = (2 if s.fused else 3) * a.intermediate * e  # gate, silu(gate), up; fused: silu(gate) is rebuilt
