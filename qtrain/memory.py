@@ -47,6 +47,7 @@ CUDA_CONTEXT = 512 * MiB  # CUDA context + cuBLAS workspace, outside torch's all
 CPU_RUNTIME = 480 * MiB  # RSS of Python with torch, transformers, bitsandbytes and accelerate imported
 BNB_MIN_8BIT = 4096  # bnb keeps optimizer state of tensors smaller than this in 32-bit (min_8bit_size)
 BNB_PAGED_MIN = 100_000  # bnb pages only state tensors of at least this many elements
+BNB_STATE_BLOCK = 256  # bnb's blockwise 8-bit optimizer state: one absmax per this many elements
 # The most elements one bnb update call takes (qtrain.optimizers._Segment: parameters laid end to end, each on
 # 256-element blocks), and the bytes per element its update holds for the moment: the gradients gathered into one
 # fp32 tensor; on a CPU also bnb's fp32 copies of the two states, the scaled gradient and the denominator.
@@ -168,7 +169,7 @@ def _optimizer_state(s: Setup, sizes: list[int]) -> tuple[int, int]:
     eight = s.optimizer in ("adamw_8bit", "paged_adamw_8bit")
     total = paged = 0
     for n in sizes:
-        b = 2 * n + 8 * math.ceil(n / 256) if eight and n >= BNB_MIN_8BIT else 8 * n  # exp_avg + exp_avg_sq
+        b = 2 * n + 8 * math.ceil(n / BNB_STATE_BLOCK) if eight and n >= BNB_MIN_8BIT else 8 * n  # m, v
         total += b
         if s.optimizer.startswith("paged") and s.device == "cuda" and n >= BNB_PAGED_MIN:
             paged += b
@@ -329,7 +330,8 @@ def estimate(s: Setup) -> Estimate:
     if s.optimizer == "adamw":
         opt_scratch = trainable if s.device == "cuda" else 4 * max(sizes, default=0)
     else:
-        segment = min(OPTIMIZER_SEGMENT_ELEMENTS[s.device], sum(math.ceil(n / 256) * 256 for n in sizes))
+        segment = min(OPTIMIZER_SEGMENT_ELEMENTS[s.device],
+                      sum(math.ceil(n / BNB_STATE_BLOCK) * BNB_STATE_BLOCK for n in sizes))
         opt_scratch = max(segment * SEGMENT_SCRATCH_BYTES[s.device], 4 * max(sizes, default=0))
 
     n_tok = s.micro_batch * s.tokens

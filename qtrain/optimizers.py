@@ -10,9 +10,7 @@ import torch
 
 import bitsandbytes as bnb
 
-from qtrain.memory import BNB_PAGED_MIN, OPTIMIZER_SEGMENT_ELEMENTS
-
-BLOCK = 256  # bnb's blockwise optimizer state: one absmax per 256 elements (init_state's `blocksize`)
+from qtrain.memory import BNB_PAGED_MIN, BNB_STATE_BLOCK as BLOCK, OPTIMIZER_SEGMENT_ELEMENTS
 
 
 class _Segment:

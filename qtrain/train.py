@@ -47,9 +47,10 @@ def without_right_padding_mask(batch: dict[str, torch.Tensor]) -> dict[str, torc
     """A host batch without its attention mask where each row's padding is all on the right (as `collate`
     pads), or there is none: causal attention alone then gives every real position the same result (padding
     comes after a row's real tokens, so no real query sees it, and padding has no targets: it adds nothing to
-    the loss or the gradients). Given the mask, transformers reads it back from the device each forward to see
-    whether it may drop it (on a GPU a wait for the queue to drain) and, where a row is padded, attends through
-    a masked kernel instead of the causal one. Decided here, on the host, where reading it costs nothing."""
+    the loss or the gradients). Given the mask, transformers attends through a masked kernel wherever a row is
+    padded (on a GPU sdpa's memory-efficient one, with a (B, 1, T, T) mask and GQA keys/values repeated to every
+    head) instead of the causal one. Decided on the host, where reading the mask costs nothing; transformers
+    still reads one value per forward either way (given no mask, whether the positions restart: packed rows)."""
     mask = batch.get("attention_mask")
     if mask is None or not bool((mask[:, 1:] <= mask[:, :-1]).all()):  # (B, T) of 1s then 0s per row
         return batch
