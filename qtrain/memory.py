@@ -12,6 +12,9 @@ runs on target positions in chunks of `training.loss_chunk_size`, each chunk's g
 own logits, so the logits term is one chunk of fp32 logits.
 Each quantized linear call dequantizes its weight, so one dense weight is scratch (on CPU a buffer kept all run).
 The peak is the larger of the backward phase (saved activations + the biggest transient) and the optimizer step.
+Gradients exist from their layer's backward on (the loop sets them to None after each step), so the backward
+peaks in the layer where the activations still kept below it plus the gradients made above it are most; with
+gradient accumulation every gradient exists from the second micro-batch on.
 Four memory savers move terms: fused ops (`qtrain.fused`) keep the norms' 16-bit inputs instead of their fp32
 upcasts and no silu(gate); offloaded checkpoints (`qtrain.offload`) leave two layer inputs of the L on the
 device and put L in host memory; the tiled MLP (`qtrain.tiling`) keeps each layer's MLP input instead of its
@@ -29,6 +32,7 @@ mask grow, the mask is always built and GQA keys/values are repeated to all head
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -81,6 +85,7 @@ class Setup:
     fused: bool = False  # training.fused_ops: norms and silu·up keep only their 16-bit inputs (qtrain.fused)
     compiled: bool = False  # training.compile in effect: a block's in-graph dense weights kept (IN_GRAPH_MAX_BYTES)
     shards: int = 1  # devices the parameters and optimizer states are sharded over (FSDP2, `qtrain.sharding`)
+    accumulation: int = 1  # micro-batches per optimizer step: after the first, every gradient exists in backward
 
     @property
     def tokens(self) -> int:  # positions per sequence, prompt tuning's virtual tokens included
@@ -164,6 +169,18 @@ def _layout(s: Setup) -> tuple[list[int], list[dict[str, int] | None]]:
     return _LAYOUTS[key]
 
 
+def _layer_gradients(s: Setup) -> list[int]:
+    """Bytes of the fp32 gradients each decoder layer's LoRA-like tensors get; their layer's backward makes them.
+    Other methods' tensors (prompts, adapters, unfrozen layers, ...) are not attributed to a layer."""
+    per = [0] * s.arch.layers
+    linears = s.arch.linears()
+    for b, chosen in zip(s.blocks, _layout(s)[1]):
+        for name, rank in (chosen or {}).items():
+            i, o = linears[name]
+            per[int(name.split(".")[2])] += 4 * (rank * (i + o) + (o if getattr(b, "dora", False) else 0))
+    return per
+
+
 def _optimizer_state(s: Setup, sizes: list[int]) -> tuple[int, int]:
     """(bytes of optimizer state, bytes of it bnb pages: unified memory the driver may move to host RAM)."""
     eight = s.optimizer in ("adamw_8bit", "paged_adamw_8bit")
@@ -209,7 +226,8 @@ def _layer_saved_per_token(s: Setup, layer: int) -> tuple[float, float]:
             hit = len(ranks)
             total += sum(ranks) * e  # A's output, saved by B
             dropout = getattr(b, "dropout", 0) > 0
-            total += hit * size[group] * dropout  # dropout's bool mask
+            # dropout's mask: bool from CUDA's fused kernel; on a CPU the scaled noise, in the input's dtype
+            total += hit * size[group] * dropout * (1 if s.device == "cuda" else e)
             # A saves its own input: shared by all wrappers without dropout when fp32 or when LoRA's fused path
             # runs (it casts nothing); otherwise a new tensor per wrapper (the dropped-out input, or autocast's
             # 16-bit copy of the fp32 upcast in the composed path)
@@ -366,7 +384,6 @@ def estimate(s: Setup) -> Estimate:
     offloaded = a.layers * layer_ckpt if s.checkpointing and s.offload else 0
     # offloaded: on the device only the input being recomputed and the next one, prefetched
     ckpt_inputs = min(2, a.layers) * layer_ckpt if offloaded else a.layers * layer_ckpt
-    saved = shared + (ckpt_inputs if s.checkpointing else sum(kept))
     recompute = layer if s.checkpointing else 0  # the one layer re-run during its backward
     layer_ws = recompute + max(mlp_moment, norm_moment)  # the layer's backward peaks at its MLP or at a norm
     # the dense weight of one quantized linear, in the compute dtype: a new tensor per matmul on CUDA (recycled by
@@ -381,6 +398,19 @@ def estimate(s: Setup) -> Estimate:
         + loss_saved
     overhead = CUDA_CONTEXT if s.device == "cuda" else CPU_RUNTIME
 
+    # The loop sets the gradients to None after each step, so in a step of one micro-batch a layer's gradients
+    # appear in its backward: none in the loss phase, those of layers k..L-1 in layer k's backward, beside what
+    # layers 0..k keep (`below`). That backward peaks at the k with the most of both: the top layer when a layer
+    # keeps more than its gradients take, else the bottom one. Gradients of tensors no decoder layer owns count
+    # from the start, and all of them from a second micro-batch on and under FSDP (its reduce-scatter unmodelled).
+    layer_grads = _layer_gradients(s) if s.accumulation == 1 and s.shards == 1 else [0] * a.layers
+    grads_always = trainable - sum(layer_grads)
+    below = list(itertools.accumulate(layer_ckpt if s.checkpointing else n for n in kept))
+    if offloaded:
+        below = [ckpt_inputs] * a.layers
+    grads_from = list(itertools.accumulate(reversed(layer_grads)))[::-1]
+    top = max(range(a.layers), key=lambda k: (below[k] + grads_from[k], k))
+
     comp = {"quantized_weights": quant, "other_weights": other, "trainable_params": trainable,
             "gradients": trainable, "optimizer_states": states, "activations": 0, "layer_backward": 0,
             "logits_and_loss": 0, "dequant_scratch": kept_scratch, "optimizer_step": 0, "gathered_weights": 0,
@@ -388,12 +418,14 @@ def estimate(s: Setup) -> Estimate:
     transient_scratch = max(scratch - kept_scratch, held)
     if s.compiled and not tiled and s.bits:  # qtrain.compiled is off beside the tiled MLP
         transient_scratch = max(transient_scratch, max(in_graph.values(), default=0) + opaque)
-    backward = saved + gathered + max(loss_ws, layer_ws + transient_scratch)
-    if backward >= opt_scratch:
-        comp["activations"], comp["gathered_weights"] = saved, gathered
-        if loss_ws >= layer_ws + transient_scratch:
-            comp["logits_and_loss"] = loss_ws
+    loss_phase = shared + below[-1] + grads_always + loss_ws
+    layer_phase = shared + below[top] + grads_always + grads_from[top] + layer_ws + transient_scratch
+    if gathered + max(loss_phase, layer_phase) >= trainable + opt_scratch:
+        comp["gathered_weights"] = gathered
+        if loss_phase >= layer_phase:
+            comp["activations"], comp["gradients"], comp["logits_and_loss"] = shared + below[-1], grads_always, loss_ws
         else:
+            comp["activations"], comp["gradients"] = shared + below[top], grads_always + grads_from[top]
             comp["layer_backward"], comp["dequant_scratch"] = layer_ws, kept_scratch + transient_scratch
     else:
         comp["optimizer_step"] = opt_scratch
@@ -404,7 +436,8 @@ def estimate(s: Setup) -> Estimate:
         "logits_and_loss": int(loss_ws), "layer_backward": int(layer_ws),
         "dequant_scratch": int(kept_scratch + transient_scratch),
         "optimizer_step": int(opt_scratch), "attention_mask": int(mask), "pageable_optimizer_states": paged,
-        "trainable_parameter_count": sum(sizes), "gathered_weights": int(gathered), "tensor_bytes": 0,
+        "trainable_parameter_count": sum(sizes), "gradient_bytes": int(trainable),
+        "gathered_weights": int(gathered), "tensor_bytes": 0,
         # host memory the run adds (pinned on a GPU): offloaded layer inputs and the input embedding table
         "host_offloaded_activations": int(offloaded), "host_embeddings": int(on_host),
         "host_bytes": int(offloaded + on_host),
@@ -475,7 +508,7 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
         compute_bytes=DTYPE_BYTES[compute], micro_batch=mb,
         seq_len=cfg.data.max_seq_len, checkpointing=t.gradient_checkpointing is not False, optimizer=t.optimizer,
         attention=cfg.model.attn_implementation, loss_chunk=loss_chunk_tokens(t.loss_chunk_size, device, arch.vocab),
-        device=device, shards=shards,
+        device=device, shards=shards, accumulation=t.gradient_accumulation_steps,
         offload=t.activation_offload is True, host_embeddings=cfg.model.embeddings_on_host is True,
         # as auto_memory_savers decides; a compiled block (`qtrain.compiled`) is counted as a fused one: the
         # compiler fuses the norm and silu·up, keeping no more than the fused functions do

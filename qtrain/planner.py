@@ -63,7 +63,7 @@ def _with_blocks(s: Setup, **update: Any) -> Setup:
     return replace(s, blocks=tuple(b.model_copy(update=update) if lora_like(b) else b for b in s.blocks))
 
 
-def suggestions(s: Setup, budget: int, accumulation: int = 1) -> list[Suggestion]:
+def suggestions(s: Setup, budget: int) -> list[Suggestion]:
     """Single changes that lower the peak, each with its new prediction: those that fit first, least
     disruptive first (the order below), then the rest by peak. A change predicted not to lower it here is left
     out (LoRA on q_proj and v_proj only, when it targets q_proj alone; 8-bit states of tensors bnb keeps in
@@ -80,13 +80,15 @@ def suggestions(s: Setup, budget: int, accumulation: int = 1) -> list[Suggestion
         options.append(("paged 8-bit AdamW (states can move to host RAM under pressure)",
                         ["training.optimizer=paged_adamw_8bit"], replace(s, optimizer="paged_adamw_8bit")))
     over = estimate(s).peak > budget
-    effective = s.micro_batch * accumulation
+    effective = s.micro_batch * s.accumulation
     m = max((d for d in range(1, s.micro_batch) if effective % d == 0
-             and estimate(replace(s, micro_batch=d)).peak <= budget), default=0) if over else 0
+             and estimate(replace(s, micro_batch=d, accumulation=effective // d)).peak <= budget),
+            default=0) if over else 0
     if m:
         options.append((f"micro-batch {m} with gradient accumulation {effective // m} (keeps the effective "
                         f"batch of {effective})", [f"training.micro_batch_size={m}",
-                        f"training.gradient_accumulation_steps={effective // m}"], replace(s, micro_batch=m)))
+                        f"training.gradient_accumulation_steps={effective // m}"],
+                        replace(s, micro_batch=m, accumulation=effective // m)))
     if s.bits != 4:
         options.append(("store the base in 4-bit NF4", ["quantization.bits=4"], replace(s, bits=4)))
     if not s.fused:
@@ -131,7 +133,6 @@ class Plan:
     estimate: Estimate
     budget: int | None
     budget_source: str
-    accumulation: int
     max_micro_batch: int | None = None
     max_seq_len: int | None = None
     max_seq_len_without_savers: int | None = None  # fused ops, host embeddings, tiled MLP, offload all off
@@ -159,7 +160,7 @@ class Plan:
             "verdict": self.verdict, "fits": self.verdict == "fits",
             "setup": {"micro_batch": s.micro_batch, "seq_len": s.seq_len, "extra_tokens": s.tokens - s.seq_len,
                       "extra_keys": s.keys - s.tokens,
-                      "gradient_accumulation_steps": self.accumulation, "bits": s.bits, "device": s.device,
+                      "gradient_accumulation_steps": s.accumulation, "bits": s.bits, "device": s.device,
                       "compute_bytes": s.compute_bytes, "checkpointing": s.checkpointing, "optimizer": s.optimizer,
                       "attention": s.attention, "shards": s.shards, "arch": asdict(s.arch)},
             "max_micro_batch": self.max_micro_batch, "max_seq_len": self.max_seq_len,
@@ -191,21 +192,20 @@ def make_plan(cfg: RunConfig, model_cfg: dict[str, Any], budget: int | None, sou
     under FSDP); with a budget also solve what fits. `micro_batch_size: auto` becomes the largest micro-batch
     that fits (1 without a budget), accumulation adjusted as `qtrain run` would."""
     s = setup_from_config(cfg, model_cfg, device, shards=shards)
-    accumulation = cfg.training.gradient_accumulation_steps
     if cfg.training.micro_batch_size == "auto" and budget is not None:
         micro, accumulation = auto_micro_batch(cfg, s, budget)
-        s = replace(s, micro_batch=micro)
+        s = replace(s, micro_batch=micro, accumulation=accumulation)
     if cfg.training.gradient_checkpointing == "auto" and budget is not None:
         s = replace(s, checkpointing=auto_checkpointing(s, budget))
     if budget is not None:
         s = auto_memory_savers(s, budget, autos(cfg))
-    plan = Plan(s, estimate(s), budget, source, accumulation)
+    plan = Plan(s, estimate(s), budget, source)
     if budget is not None:
         plan.max_micro_batch = largest_micro_batch(s, budget)
         plan.max_seq_len = longest_sequence(s, budget)
         plan.max_seq_len_without_savers = longest_sequence(without_savers(s), budget)
         plan.max_seq_len_with_savers = longest_sequence(with_savers(s), budget)
-        plan.suggestions = suggestions(s, budget, accumulation)
+        plan.suggestions = suggestions(s, budget)
         plan.faster = faster(s, budget)
     return plan
 
@@ -225,7 +225,8 @@ def auto_micro_batch(cfg: RunConfig, s: Setup, budget: int) -> tuple[int, int]:
     if t.effective_batch_size is None:
         return max(1, largest_micro_batch(s, budget)), t.gradient_accumulation_steps
     e = t.effective_batch_size
-    fitting = [m for m in range(1, e + 1) if e % m == 0 and estimate(replace(s, micro_batch=m)).peak <= budget]
+    fitting = [m for m in range(1, e + 1)
+               if e % m == 0 and estimate(replace(s, micro_batch=m, accumulation=e // m)).peak <= budget]
     m = max(fitting, default=1)
     return m, e // m
 
@@ -250,7 +251,7 @@ _ROWS = {
     "quantized_weights": "frozen linears, {bits} (packed values, absmax, double-quant constants)",
     "other_weights": "embeddings, head, norms, unquantized linears ({dtype})",
     "trainable_params": "trainable parameters, fp32 ({count:,})",
-    "gradients": "their gradients, fp32",
+    "gradients": "their gradients alive at the peak, fp32 ({gradients} in all)",
     "optimizer_states": "optimizer states ({optimizer})",
     "activations": "activations saved for backward ({ckpt})",
     "layer_backward": "one layer's backward (recomputed activations, gradients)",
@@ -267,6 +268,7 @@ def render(plan: Plan) -> str:
     d = est.details
     fill = {"bits": f"{s.bits}-bit" if s.bits else "not quantized", "dtype": f"{s.compute_bytes * 8}-bit floats",
             "count": d["trainable_parameter_count"], "optimizer": s.optimizer,
+            "gradients": fmt_bytes(d["gradient_bytes"]),
             "ckpt": ("checkpointing: layer inputs" + (", offloaded" if s.offload else "")) if s.checkpointing
             else "no checkpointing",
             "chunk": min(s.loss_chunk, s.micro_batch * (s.seq_len - 1)),
@@ -274,13 +276,13 @@ def render(plan: Plan) -> str:
             if s.mlp_chunk is not None and s.micro_batch * s.tokens > s.mlp_chunk else "one dense weight",
             "runtime": "CUDA context and cuBLAS workspace" if s.device == "cuda" else "Python + torch runtime"}
     prefix = f" (+ {s.keys - s.tokens} prefix keys/values per layer)" if s.keys > s.tokens else ""
-    lines = [f"qtrain plan: micro-batch {s.micro_batch} × {s.tokens} tokens{prefix} × {plan.accumulation} "
+    lines = [f"qtrain plan: micro-batch {s.micro_batch} × {s.tokens} tokens{prefix} × {s.accumulation} "
              "accumulation, "
              f"{s.arch.layers} layers, hidden {s.arch.hidden}, vocab {s.arch.vocab}, {s.attention} attention, "
              f"on {s.device}" + (f", sharded over {s.shards} devices (FSDP2): per device" if s.shards > 1 else ""),
              "", f"  {'component':<78} {'bytes':>11}"]
     for key, value in est.components.items():
-        if value or key in ("activations", "quantized_weights"):
+        if value or key in ("activations", "quantized_weights", "gradients"):
             lines.append(f"  {_ROWS[key].format(**fill):<78} {fmt_bytes(value):>11}")
     lines += [f"  {'total peak':<78} {fmt_bytes(est.peak):>11}", ""]
     lines.append(f"  activations: {fmt_bytes(d['activations_per_layer'])} per layer without checkpointing "

@@ -230,7 +230,11 @@ def test_planner_offload_moves_the_checkpointed_inputs_to_the_host(tmp_path, dat
     plain, off = (estimate(_setup(tmp_path, dates_file, tokens, offload=o)) for o in (False, True))
     inputs = tokens * hidden * 2
     assert plain.components["activations"] - off.components["activations"] == (layers - 2) * inputs
-    assert plain.peak - off.peak == (layers - 2) * inputs
+    # with every layer input kept the backward peaks in the top layer, beside its own gradients; offloaded, in
+    # the bottom one, beside every layer's (the loop sets them to None after a step: they appear layer by layer)
+    grads = plain.details["gradient_bytes"] // layers
+    assert (plain.components["gradients"], off.components["gradients"]) == (grads, layers * grads)
+    assert plain.peak - off.peak == (layers - 2) * inputs - (layers - 1) * grads
     assert off.details["host_offloaded_activations"] == off.details["host_bytes"] == layers * inputs
     assert plain.details["host_bytes"] == 0
     no_ckpt = _setup(tmp_path, dates_file, tokens, offload=True, checkpointing=False)
@@ -421,13 +425,14 @@ def test_loss_chunk_auto_is_the_devices(value, device, vocab, expected):
 
 
 def test_a_gpu_loss_chunk_goes_back_to_128_only_when_the_run_would_not_fit(tmp_path, dates_file):
-    """Llama-3-8B shapes at 512 tokens on a GPU, where the loss's logits are the peak: the 512-token chunk is kept
-    when the run fits, and is the first thing `auto` gives back (before any other saver) when it does not;
-    `qtrain run`'s resolve says so. The planner counts the chunk's logits (a bigger chunk, a bigger peak)."""
+    """Llama-3-8B shapes at 512 tokens on a GPU with gradient accumulation (every gradient alive from the second
+    micro-batch on), where the loss's logits are the peak: the 512-token chunk is kept when the run fits, and is
+    the first thing `auto` gives back (before any other saver) when it does not; `qtrain run`'s resolve says so.
+    The planner counts the chunk's logits (a bigger chunk, a bigger peak)."""
     from qtrain.memory import estimate, setup_from_config
     from qtrain.savers import auto_memory_savers, autos, resolve
 
-    cfg = _plan_cfg(tmp_path, dates_file, 512)
+    cfg = _plan_cfg(tmp_path, dates_file, 512, gradient_accumulation_steps=4)
     s = setup_from_config(cfg, L3_8B, "cuda")
     small = replace(s, loss_chunk=128)
     assert s.loss_chunk == 512 and estimate(s).peak > estimate(small).peak

@@ -19,7 +19,7 @@ from qtrain.arch import Arch
 from qtrain.cli import main
 from qtrain.config import TrainingSection, load_config
 from qtrain.gpus import GPUS, fmt_bytes, parse_bytes
-from qtrain.memory import estimate, loss_chunk_tokens, quantized_linear_bytes, setup_from_config
+from qtrain.memory import _layer_gradients, estimate, loss_chunk_tokens, quantized_linear_bytes, setup_from_config
 from qtrain.planner import (auto_checkpointing, auto_micro_batch, check_before_loading, largest_micro_batch,
                             longest_sequence, make_plan, render, suggestions)
 from tests.conftest import write_config
@@ -69,8 +69,54 @@ def test_trainable_count_equals_attached_lora(tmp_path, tiny_model_dir, dates_fi
     est = estimate(setup_from_config(cfg, _model_cfg(tiny_model_dir), device="cpu"))
     n = sum(p.numel() for p in params.values())
     assert est.details["trainable_parameter_count"] == n
-    assert est.components["trainable_params"] == est.components["gradients"] == 4 * n
+    assert est.components["trainable_params"] == est.details["gradient_bytes"] == 4 * n
+    # each layer's share, which its backward makes (the planner's gradients appear layer by layer)
+    per_layer = [0] * len(model.model.layers)
+    for name, p in params.items():
+        per_layer[int(name.split("layers.")[1].split(".")[0])] += 4 * p.numel()
+    assert _layer_gradients(setup_from_config(cfg, _model_cfg(tiny_model_dir), device="cpu")) == per_layer
 
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_appear_layer_by_layer_as_the_planner_counts(tmp_path, tiny_model_dir, dates_file, checkpointing):
+    """In a step of one micro-batch no gradient exists in the loss phase, and when layer k's backward starts
+    exactly those of the layers above it do: the gradients the planner counts at each moment of the backward.
+    Before a second step they are gone again (the loop sets them to None)."""
+    from accelerate import Accelerator
+
+    from qtrain.methods import build_methods
+    from qtrain.modeling import load_model
+    from qtrain.train import accumulate_gradients, train
+
+    peft = [{"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "down_proj"]}]
+    cfg = _cfg(tmp_path, tiny_model_dir, dates_file, peft=peft,
+               training={"gradient_checkpointing": checkpointing, "max_steps": 2, "optimizer": "adamw"})
+    model = load_model(cfg.model, cfg.quantization, torch.device("cpu"), path=tiny_model_dir).model
+    params = build_methods(cfg.peft)[0].attach(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = model.model.layers
+    alive: list[tuple[str, int]] = []
+    grad_bytes = lambda: sum(4 * p.numel() for p in params.values() if p.grad is not None)  # noqa: E731
+    model.model.norm.register_full_backward_pre_hook(lambda *_: alive.append(("norm", grad_bytes())))
+    for k, layer in enumerate(layers):
+        layer.register_full_backward_pre_hook(lambda *_, k=k: alive.append((k, grad_bytes())))
+    ids = torch.randint(0, 100, (2, 24))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    accumulate_gradients(model, [batch], Accelerator(cpu=True), 128)
+
+    per_layer = _layer_gradients(setup_from_config(cfg, _model_cfg(tiny_model_dir), device="cpu"))
+    assert sum(per_layer) == 4 * sum(p.numel() for p in params.values()) == grad_bytes()
+    expected = [("norm", 0)] + [(k, sum(per_layer[k + 1:])) for k in reversed(range(len(layers)))]
+    assert alive == expected
+
+    alive.clear()  # through the training loop: each step starts with no gradients
+    for p in params.values():
+        p.grad = None
+    groups = [{"params": list(params.values()), "lr": 1e-3}]
+    train(model, groups, iter([batch] * 2), cfg.training, 2, Accelerator(cpu=True), log=lambda record: None)
+    assert [a for a in alive if a[0] == "norm"] == [("norm", 0), ("norm", 0)]
 
 def _saved_and_predicted(tmp_path, model_dir, dates_file, micro_batch=3, **sections):
     """(bytes autograd saves in a real training forward, parameters excluded and each storage once; the
@@ -114,10 +160,14 @@ def saved_bytes(model: nn.Module, chunk_size: int, micro_batch: int = 3) -> int:
 PREFIX = {"method": "prefix_tuning", "num_virtual_tokens": 40}
 
 
-@pytest.mark.parametrize("peft,micro_batch", [(None, 3), ([PREFIX], 1), ([PREFIX], 3)])
+DROPOUT = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"}
+
+
+@pytest.mark.parametrize("peft,micro_batch", [(None, 3), ([PREFIX], 1), ([PREFIX], 3), ([DROPOUT], 3)])
 def test_saved_activations_match_autograd(tmp_path, tiny_model_dir, dates_file, peft, micro_batch):
     """The bytes autograd saves in a real forward vs the prediction (LoRA; prefix tuning, whose 40 keys/values
-    per layer also make transformers build a mask, repeat the GQA keys/values and sdpa keep a float mask)."""
+    per layer also make transformers build a mask, repeat the GQA keys/values and sdpa keep a float mask; LoRA
+    with dropout, whose mask a CPU keeps in the input's dtype, CUDA's fused kernel as bool)."""
     saved, predicted = _saved_and_predicted(tmp_path, tiny_model_dir, dates_file, micro_batch,
                                             **({"peft": peft} if peft else {}))
     assert abs(predicted - saved) / saved < 0.10
@@ -141,7 +191,7 @@ def test_prefix_tuning_memory_is_counted(tmp_path, tiny_model_dir, dates_file):
     est = estimate(s)
     n = 40 * arch.layers * 2 * arch.kv_heads * arch.head_dim  # one tensor, fp32, AdamW: two states
     assert est.details["trainable_parameter_count"] == n == cfg.peft[0].trainable_parameters(arch)
-    assert (est.components["trainable_params"], est.components["gradients"]) == (4 * n, 4 * n)
+    assert (est.components["trainable_params"], est.components["gradients"]) == (4 * n, 4 * n)  # not a layer's
     assert est.components["optimizer_states"] == 8 * n
     on, off = (estimate(replace(s, checkpointing=c)).peak for c in (True, False))
     assert on < off
@@ -182,14 +232,15 @@ def test_solver_is_consistent(tmp_path, tiny_model_dir, dates_file):
     t = longest_sequence(s, budget)
     assert estimate(replace(s, seq_len=t)).peak <= budget < estimate(replace(s, seq_len=t + 1)).peak
     assert largest_micro_batch(s, estimate(replace(s, micro_batch=1)).peak - 1) == 0
-    over = replace(s, micro_batch=64)
-    sugs = suggestions(over, budget, accumulation=2)
+    over = replace(s, micro_batch=64, accumulation=2)
+    sugs = suggestions(over, budget)
     fitting = [x for x in sugs if x.fits]
     assert fitting and all(x.peak <= budget for x in fitting) and all(not x.fits for x in sugs[len(fitting):])
     micro = next(x for x in sugs if x.change.startswith("micro-batch"))
     m_new = int(micro.overrides[0].split("=")[1])
     acc = int(micro.overrides[1].split("=")[1])
-    assert m_new * acc == 128 and estimate(replace(s, micro_batch=m_new)).peak == micro.peak <= budget
+    assert m_new * acc == 128
+    assert estimate(replace(s, micro_batch=m_new, accumulation=acc)).peak == micro.peak <= budget
 
 
 @pytest.mark.parametrize("targets", [["q_proj"], ["v_proj", "q_proj"], "all-linear"])
@@ -371,7 +422,9 @@ LLAMA_70B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "
 
 def test_sharding_divides_parameters_gradients_and_optimizer_states_per_device(tmp_path, tiny_model_dir, dates_file):
     cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={"gradient_checkpointing": True})
-    one, two, four = (estimate(setup_from_config(cfg, LLAMA_70B, shards=n)) for n in (1, 2, 4))
+    # FSDP counts every gradient from the start; so does one device from a second micro-batch on
+    one, two, four = (estimate(replace(setup_from_config(cfg, LLAMA_70B, shards=n), accumulation=1 if n > 1 else 2))
+                      for n in (1, 2, 4))
     for n, est in ((2, two), (4, four)):
         for key in ("other_weights", "trainable_params", "gradients", "optimizer_states"):
             assert est.components[key] == math.ceil(one.components[key] / n), key
