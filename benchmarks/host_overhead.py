@@ -168,7 +168,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64, help="width (LoRA matrices of r x hidden: 4096 elements at "
                     "256, where bnb's 8-bit optimizers keep 8-bit states)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--profile", action="store_true", help="cProfile qtrain's step: where the host time goes")
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile qtrain's step (the compiled one with --compiled): where the host time goes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the operators are tiny; "
                     "more threads measure OpenMP's wake-ups, not dispatch)")
     ap.add_argument("--compiled", action="store_true", help="also qtrain with training.compile (timed)")
@@ -234,10 +235,12 @@ def main() -> None:
             import cProfile
             import pstats
 
+            name = "qtrain compiled" if a.compiled else "qtrain"
+            print(f"cProfile of {name}'s step (5 steps):")
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(5):
-                steps["qtrain"]()
+                steps[name]()
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
