@@ -254,11 +254,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from qtrain.config import load_config
-    from qtrain.planner import report, shards_of
+    from qtrain.planner import parallelism, report
 
-    shards = shards_of(args.nproc, args.fsdp, args.accelerate_config)
+    shards, data_parallel = parallelism(args.nproc, args.fsdp, args.accelerate_config)
     print(report(load_config(args.config, args.overrides), args.gpu, args.budget, args.model_config, args.json,
-                 args.device, shards))
+                 args.device, shards, data_parallel))
     return 0
 
 

@@ -86,6 +86,8 @@ class Setup:
     compiled: bool = False  # training.compile in effect: a block's in-graph dense weights kept (IN_GRAPH_MAX_BYTES)
     shards: int = 1  # devices the parameters and optimizer states are sharded over (FSDP2, `qtrain.sharding`)
     accumulation: int = 1  # micro-batches per optimizer step: after the first, every gradient exists in backward
+    data_parallel: bool = False  # one of several processes that each hold everything (DDP): its gradient buckets
+    # hold every gradient all run (`qtrain run` makes the gradients views of them: no second copy)
 
     @property
     def tokens(self) -> int:  # positions per sequence, prompt tuning's virtual tokens included
@@ -402,8 +404,10 @@ def estimate(s: Setup) -> Estimate:
     # appear in its backward: none in the loss phase, those of layers k..L-1 in layer k's backward, beside what
     # layers 0..k keep (`below`). That backward peaks at the k with the most of both: the top layer when a layer
     # keeps more than its gradients take, else the bottom one. Gradients of tensors no decoder layer owns count
-    # from the start, and all of them from a second micro-batch on and under FSDP (its reduce-scatter unmodelled).
-    layer_grads = _layer_gradients(s) if s.accumulation == 1 and s.shards == 1 else [0] * a.layers
+    # from the start, and all of them from a second micro-batch on, under DDP (its buckets) and under FSDP (its
+    # reduce-scatter unmodelled).
+    progressive = s.accumulation == 1 and s.shards == 1 and not s.data_parallel
+    layer_grads = _layer_gradients(s) if progressive else [0] * a.layers
     grads_always = trainable - sum(layer_grads)
     below = list(itertools.accumulate(layer_ckpt if s.checkpointing else n for n in kept))
     if offloaded:
@@ -491,13 +495,14 @@ def read_model_config(cfg: RunConfig, model_config: str | Path | None = None) ->
 
 
 def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "cuda",
-                      micro_batch: int | None = None, shards: int = 1) -> Setup:
+                      micro_batch: int | None = None, shards: int = 1, data_parallel: bool = False) -> Setup:
     """The planner's view of a run. `device` decides `compute_dtype: auto` (bf16/fp16 on GPU, fp32 on CPU);
     `gradient_checkpointing: auto` counts as on until `qtrain.planner.auto_checkpointing` decides it;
     `fused_ops: auto` as on for a GPU (where it always is) and off for a CPU, and on under `compile: true`;
     `loss_chunk_size: auto` as the device's chunk (`loss_chunk_tokens`); the `auto` of `activation_offload`,
     `mlp_chunk_tokens` and `embeddings_on_host` as off until `qtrain.savers.auto_memory_savers` decides them;
-    `shards`: the devices an FSDP run shards over (1: every device holds everything)."""
+    `shards`: the devices an FSDP run shards over (1: every device holds everything); `data_parallel`: the run is
+    one of several processes that each hold everything (DDP)."""
     q, t = cfg.quantization, cfg.training
     compute = q.compute_dtype if q.compute_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     mb = micro_batch or (t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1)
@@ -508,7 +513,7 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
         compute_bytes=DTYPE_BYTES[compute], micro_batch=mb,
         seq_len=cfg.data.max_seq_len, checkpointing=t.gradient_checkpointing is not False, optimizer=t.optimizer,
         attention=cfg.model.attn_implementation, loss_chunk=loss_chunk_tokens(t.loss_chunk_size, device, arch.vocab),
-        device=device, shards=shards, accumulation=t.gradient_accumulation_steps,
+        device=device, shards=shards, accumulation=t.gradient_accumulation_steps, data_parallel=data_parallel,
         offload=t.activation_offload is True, host_embeddings=cfg.model.embeddings_on_host is True,
         # as auto_memory_savers decides; a compiled block (`qtrain.compiled`) is counted as a fused one: the
         # compiler fuses the norm and silu·up, keeping no more than the fused functions do

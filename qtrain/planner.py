@@ -12,6 +12,7 @@ Nothing here imports torch (except `device_memory`, which only a run calls).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from dataclasses import asdict, dataclass, field, replace
@@ -162,7 +163,8 @@ class Plan:
                       "extra_keys": s.keys - s.tokens,
                       "gradient_accumulation_steps": s.accumulation, "bits": s.bits, "device": s.device,
                       "compute_bytes": s.compute_bytes, "checkpointing": s.checkpointing, "optimizer": s.optimizer,
-                      "attention": s.attention, "shards": s.shards, "arch": asdict(s.arch)},
+                      "attention": s.attention, "shards": s.shards, "data_parallel": s.data_parallel,
+                      "arch": asdict(s.arch)},
             "max_micro_batch": self.max_micro_batch, "max_seq_len": self.max_seq_len,
             "max_seq_len_without_savers": self.max_seq_len_without_savers,
             "max_seq_len_with_savers": self.max_seq_len_with_savers, "host_bytes": self.estimate.details["host_bytes"],
@@ -187,11 +189,12 @@ def resolve_budget(cfg: RunConfig, gpu: str | None = None, budget: str | None = 
 
 
 def make_plan(cfg: RunConfig, model_cfg: dict[str, Any], budget: int | None, source: str = "",
-              device: str = "cuda", shards: int = 1) -> Plan:
+              device: str = "cuda", shards: int = 1, data_parallel: bool = False) -> Plan:
     """Predict the peak for `cfg` (per device, parameters and optimizer states divided over `shards` devices
-    under FSDP); with a budget also solve what fits. `micro_batch_size: auto` becomes the largest micro-batch
-    that fits (1 without a budget), accumulation adjusted as `qtrain run` would."""
-    s = setup_from_config(cfg, model_cfg, device, shards=shards)
+    under FSDP; `data_parallel`: one of several processes that each hold everything); with a budget also solve
+    what fits. `micro_batch_size: auto` becomes the largest micro-batch that fits (1 without a budget),
+    accumulation adjusted as `qtrain run` would."""
+    s = setup_from_config(cfg, model_cfg, device, shards=shards, data_parallel=data_parallel)
     if cfg.training.micro_batch_size == "auto" and budget is not None:
         micro, accumulation = auto_micro_batch(cfg, s, budget)
         s = replace(s, micro_batch=micro, accumulation=accumulation)
@@ -326,17 +329,18 @@ def render(plan: Plan) -> str:
 
 
 def report(cfg: RunConfig, gpu: str | None = None, budget: str | None = None, model_config: str | None = None,
-           as_json: bool = False, device: str = "cuda", shards: int = 1) -> str:
+           as_json: bool = False, device: str = "cuda", shards: int = 1, data_parallel: bool = False) -> str:
     """What `qtrain plan` prints: the breakdown table and what fits, or the same as JSON."""
     size, source = resolve_budget(cfg, gpu, budget)
-    plan = make_plan(cfg, read_model_config(cfg, model_config), size, source, device, shards)
+    plan = make_plan(cfg, read_model_config(cfg, model_config), size, source, device, shards, data_parallel)
     return json.dumps(plan.to_dict(), indent=2) if as_json else render(plan)
 
 
-def shards_of(nproc: int | None, fsdp: bool, accelerate_config: str | None) -> int:
-    """How many devices `qtrain plan` divides parameters and optimizer states over: `--nproc N --fsdp`, or an
-    accelerate config's num_processes when its distributed_type is FSDP (`--nproc` overrides its count).
-    Data-parallel processes each hold everything: 1."""
+def parallelism(nproc: int | None, fsdp: bool, accelerate_config: str | None) -> tuple[int, bool]:
+    """(how many devices `qtrain plan` divides parameters and optimizer states over, whether the run is one of
+    several data-parallel processes): `--nproc N --fsdp`, or an accelerate config's num_processes when its
+    distributed_type is FSDP (`--nproc` overrides its count), shards over N; data-parallel processes (N without
+    FSDP) each hold everything: 1."""
     if accelerate_config:
         import yaml
 
@@ -350,7 +354,8 @@ def shards_of(nproc: int | None, fsdp: bool, accelerate_config: str | None) -> i
         nproc = nproc or int(acc.get("num_processes") or 1)
     if fsdp and not nproc:
         raise QTrainError("--fsdp: give the number of devices to shard over with --nproc N")
-    return max(1, nproc or 1) if fsdp else 1
+    n = max(1, nproc or 1)
+    return (n, False) if fsdp else (1, n > 1)
 
 
 def device_memory(device_type: str) -> int:
@@ -367,12 +372,14 @@ def device_memory(device_type: str) -> int:
 
 
 def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type: str, say=print,
-                         shards: int = 1) -> RunConfig:
+                         shards: int = 1, data_parallel: bool = False) -> RunConfig:
     """What `qtrain run` asks before loading the model: resolve `micro_batch_size: auto`, then
     `gradient_checkpointing: auto`, then the memory savers' `auto` (returns a copy of `cfg` with them set) and
     warn when the prediction exceeds the budget. `shards`: the processes an FSDP run shards over (the prediction
-    is then per device)."""
+    is then per device); `data_parallel`: the run is one of several DDP processes."""
     device = "cuda" if device_type == "cuda" else "cpu"
+    setup = functools.partial(setup_from_config, model_cfg=model_cfg, device=device, shards=shards,
+                              data_parallel=data_parallel)
     t = cfg.training
     budget = None if t.memory_budget is None else parse_bytes(t.memory_budget, "training.memory_budget")
     auto = autos(cfg)
@@ -380,21 +387,20 @@ def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type:
         limit = budget if budget is not None else device_memory(device)
         limit_text = f"{'training.memory_budget' if budget is not None else 'device memory'} {fmt_bytes(limit)}"
     if t.micro_batch_size == "auto":
-        micro, accumulation = auto_micro_batch(cfg, setup_from_config(cfg, model_cfg, device, shards=shards), limit)
+        micro, accumulation = auto_micro_batch(cfg, setup(cfg), limit)
         cfg = cfg.model_copy(update={"training": t.model_copy(update={
             "micro_batch_size": micro, "gradient_accumulation_steps": accumulation})})
         say(f"qtrain: micro_batch_size auto → {micro} (gradient accumulation {accumulation}, {limit_text})")
     if t.gradient_checkpointing == "auto":
-        s = setup_from_config(cfg, model_cfg, device, shards=shards)
+        s = setup(cfg)
         on = auto_checkpointing(s, limit)
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": on})})
         without = estimate(replace(s, checkpointing=False)).peak
         say(f"qtrain: gradient_checkpointing auto → {'on' if on else 'off'} (predicted peak without it "
             f"{fmt_bytes(without)}, {'within' if without <= limit else 'over'} {limit_text})")
     if auto:
-        cfg = resolve_savers(cfg, setup_from_config(cfg, model_cfg, device, shards=shards), limit, auto,
-                                     limit_text, say)
-    peak = estimate(setup_from_config(cfg, model_cfg, device, shards=shards)).peak
+        cfg = resolve_savers(cfg, setup(cfg), limit, auto, limit_text, say)
+    peak = estimate(setup(cfg)).peak
     if budget is not None and peak > budget:
         where = " --device cpu" if device == "cpu" else ""  # plan's default is cuda: other overheads and dtype
         print(f"qtrain: warning: the planner predicts a peak of {fmt_bytes(peak)}, over training.memory_budget "

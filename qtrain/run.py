@@ -141,6 +141,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     """Train as `cfg` says. `resume`: "latest" (the newest valid checkpoint in output.dir) or a checkpoint or
     run folder; the run then continues exactly where that checkpoint left it."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     from qtrain.adapter_io import save_adapter
     from qtrain.arch import Arch
@@ -157,7 +158,9 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
         resolve_compute_dtype(cfg.quantization.compute_dtype, device), "no")
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+    # DDP's gradients as views of its all-reduce buckets: one copy of them, not two (the planner counts one)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
+                              kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
     main = accelerator.is_main_process
     fsdp = sharding.requested() if accelerator.num_processes > 1 else None
     shards = accelerator.num_processes if fsdp else 1
@@ -204,7 +207,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         say(f"qtrain: micro_batch_size auto → {split['micro_batch_size']} (gradient accumulation "
             f"{split['gradient_accumulation_steps']}), as in the checkpoint resumed")
     fused_auto = cfg.training.fused_ops == "auto"
-    cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say, shards)
+    cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say, shards,
+                               data_parallel=accelerator.num_processes > 1 and not fsdp)
     if accelerator.num_processes > 1:  # `auto` read this process's free memory: all train as the main one decided
         cfg = _as_main_decided(cfg, accelerator)
     cfg = compiled.decide(cfg, device.type, bool(fsdp), fused_auto, say)

@@ -456,7 +456,11 @@ def test_cli_plans_per_device_with_fsdp_or_the_accelerate_config(tmp_path, tiny_
     sharded, from_file, four = plan("--nproc", "2", "--fsdp"), plan("--accelerate-config", config_file), \
         plan("--accelerate-config", config_file, "--nproc", "4")
     assert single["setup"]["shards"] == data_parallel["setup"]["shards"] == 1  # data-parallel: each holds all
-    assert data_parallel["components"] == single["components"]
+    assert (single["setup"]["data_parallel"], data_parallel["setup"]["data_parallel"]) == (False, True)
+    # the same but for the gradients: DDP's buckets hold every one all along; one process makes them in backward
+    gradients = single["details"]["gradient_bytes"]
+    assert data_parallel["components"]["gradients"] == gradients > single["components"]["gradients"]
+    assert data_parallel["peak_bytes"] - single["peak_bytes"] == gradients - single["components"]["gradients"]
     assert sharded["setup"]["shards"] == from_file["setup"]["shards"] == 2 and four["setup"]["shards"] == 4
     assert from_file["components"] == sharded["components"]
     assert sharded["components"]["optimizer_states"] == single["components"]["optimizer_states"] // 2
