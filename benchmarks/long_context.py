@@ -13,7 +13,9 @@ then runs each point as its own `python -m qtrain run` process with the CUDA all
 simulates (`torch.cuda.set_per_process_memory_fraction`), and prints one JSON line per point: peak
 `torch.cuda.max_memory_allocated`, median tokens/s after the first step, the host memory the run added (peak
 RSS), the savers `auto` chose, and the planner's prediction (tensor bytes: the CUDA context term removed, which
-`max_memory_allocated` does not see). `--tokenizer KIT/tok` takes the tokenizer from an offline kit
+`max_memory_allocated` does not see; `predicted_allocated_gib` also without the optimizer states bnb pages, which
+live in CUDA managed memory outside torch's allocator and its cap, and `planner_error` against the measured
+peak). `--tokenizer KIT/tok` takes the tokenizer from an offline kit
 (`benchmarks/gpu.py prepare`); `--deadline SECONDS` skips or stops a point that would run past it.
 `--shape tiny --device-check off --max-seq 256` runs the same code on a CPU with a tiny model (the mechanics
 only, no caps), which is how it was tested here; no GPU was available to this work, so its figures are still
@@ -102,7 +104,10 @@ def predicted(shape: dict, seq, micro, rank, targets, cap, overrides) -> dict:
     if cap:
         s = auto_memory_savers(s, int(cap * GiB), autos(cfg))
     est = estimate(s)
+    paged = est.details["pageable_optimizer_states"]  # bnb's managed memory: on the device, not in the allocator
     return {"predicted_tensor_gib": round((est.peak - CUDA_CONTEXT) / GiB, 2),
+            "predicted_allocated_gib": round((est.peak - CUDA_CONTEXT - paged) / GiB, 2),
+            "paged_states_gib": round(paged / GiB, 3),
             "predicted_host_gib": round(est.details["host_bytes"] / GiB, 2),
             "savers": {"embeddings_on_host": s.host_embeddings, "mlp_chunk_tokens": s.mlp_chunk,
                        "activation_offload": s.offload}}
@@ -177,7 +182,8 @@ def measure(shape: str, steps: int, points: list[str], caps: bool, max_seq: int,
             continue
         try:
             proc = subprocess.run([sys.executable, str(work / "capped.py"), "run", str(work / f"{name}.yaml")],
-                                  env=env, capture_output=True, text=True, timeout=left)
+                                  env=env, capture_output=True, text=True,
+                                  timeout=left if left != float("inf") else None)  # no --deadline: none
         except subprocess.TimeoutExpired:
             print(json.dumps({**result, "error": f"timed out after {left:.0f} s (--deadline)"}), flush=True)
             continue
@@ -186,7 +192,10 @@ def measure(shape: str, steps: int, points: list[str], caps: bool, max_seq: int,
             summary = json.loads((out / "summary.json").read_text())
             rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             rows = [r for r in rows if "tokens_per_s" in r]
-            result.update({"peak_gib": round(summary["peak_mem_mb"] / 1024, 2),
+            peak = summary["peak_mem_mb"] / 1024  # on a CPU the process's RSS: no planner error then
+            if caps:
+                result["planner_error"] = round(result["predicted_allocated_gib"] / peak - 1, 3)
+            result.update({"peak_gib": round(peak, 2),
                            "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows[1:] or rows)),
                            "savers_run": {k: summary.get(k) for k in ("embeddings_on_host", "mlp_chunk_tokens",
                                                                        "activation_offload")},

@@ -72,3 +72,27 @@ def test_profile_summary_finds_the_devices_idle_time_and_what_the_host_was_doing
     assert {"ms": 3.0, "at_ms": 3.0, "host": "aten::item"} in gaps
     assert {"ms": 0.5, "at_ms": 9.5, "host": None} in gaps and {"ms": 1.0, "at_ms": 0.0, "host": None} in gaps
     assert len(gaps) == 4
+
+
+def test_the_planned_allocation_leaves_out_what_torchs_allocator_never_sees(tmp_path, dates_file):
+    """`max_memory_allocated` sees neither the CUDA context nor the optimizer states bnb pages (cudaMallocManaged
+    buffers): Llama-3-8B's shapes with r=16 on every linear and paged 8-bit AdamW, as the benchmark runs it."""
+    import json
+
+    from qtrain.gpus import MiB
+
+    gpu = load()
+    model = tmp_path / "l3-8b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                   **gpu.SHAPES["l3-8b"]}))
+    config = tmp_path / "c.yaml"
+    config.write_text(gpu.CONFIG.format(model=model, dtype="bfloat16", rank=16, alpha=32, data=dates_file, seq=2048,
+                                        batch=1, steps=3, ckpt="true", fused="auto", compile="auto", out=tmp_path / "o"))
+    p = subprocess.run([sys.executable, "-m", "qtrain", "plan", str(config), "--device", "cuda", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    plan = json.loads(p.stdout)
+    paged = plan["details"]["pageable_optimizer_states"]
+    assert paged > 40 * MiB  # 8-bit m and v of the 42M LoRA elements in tensors bnb pages
+    expected = (plan["peak_bytes"] - plan["components"]["runtime_overhead"] - paged) / MiB
+    assert gpu.planned_allocated_mib(config) == pytest.approx(expected)
