@@ -419,9 +419,15 @@ def _frozen_mm_of(x2: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None,
                                       transposed)
 
 
-@torch.library.custom_op("qtrain::frozen_mm", mutates_args=(), schema=(
-    "(Tensor x, Tensor weight, Tensor absmax, Tensor? code, Tensor? absmax2, Tensor? code2, Tensor? offset, "
-    "Tensor? bias, int blocksize, int blocksize2, int rows, int cols, str quant_type, bool transposed) -> Tensor"))
+# Defined on a plain `torch.library.Library` rather than through `torch.library.custom_op`: that wrapper adds
+# ~55 µs of Python per call (its autograd and alias checks; the op is never differentiated: `FrozenMatmul` calls
+# it in its forward and its backward), and a big model's compiled step calls it 3 × 7 times per layer.
+_LIB = torch.library.Library("qtrain", "DEF")
+_LIB.define("frozen_mm(Tensor x, Tensor weight, Tensor absmax, Tensor? code, Tensor? absmax2, Tensor? code2, "
+            "Tensor? offset, Tensor? bias, int blocksize, int blocksize2, int rows, int cols, str quant_type, "
+            "bool transposed) -> Tensor")
+
+
 def _frozen_mm(x, weight, absmax, code, absmax2, code2, offset, bias, blocksize, blocksize2, rows, cols, quant_type,
                transposed):
     """x · Wᵀ + bias (or x · W) with W (rows, cols) dequantized in x's dtype as eager code does it, then freed."""
@@ -439,7 +445,10 @@ def _frozen_mm(x, weight, absmax, code, absmax2, code2, offset, bias, blocksize,
     return x @ dense.T if bias is None else torch.addmm(bias.to(dtype), x, dense.T)
 
 
-@_frozen_mm.register_fake
+_LIB.impl("frozen_mm", _frozen_mm, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qtrain::frozen_mm", lib=_LIB)
 def _(x, weight, absmax, code, absmax2, code2, offset, bias, blocksize, blocksize2, rows, cols, quant_type,
       transposed):
     return x.new_empty((x.shape[0], cols if transposed else rows))
