@@ -79,7 +79,8 @@ def count_launches(mode: Ops) -> None:
         setattr(triton_kernels, name, launch)
 
 
-def qtrain_step(folder: Path, tokens: int, fused: bool = False, compiled: bool = False, optimizer: str = "adamw"):
+def qtrain_step(folder: Path, tokens: int, fused: bool = False, compiled: bool = False, optimizer: str = "adamw",
+                attention: str = "sdpa"):
     from accelerate import Accelerator
 
     from qtrain.config import ModelSection, QuantizationSection, TrainingSection
@@ -88,7 +89,8 @@ def qtrain_step(folder: Path, tokens: int, fused: bool = False, compiled: bool =
     from qtrain.modeling import enable_checkpointing, load_model
     from qtrain.train import grad_norm_of, make_optimizer, read_on_host, step_gradients
 
-    loaded = load_model(ModelSection(path=str(folder)), QuantizationSection(bits=4), torch.device("cpu"))
+    loaded = load_model(ModelSection(path=str(folder), attn_implementation=attention), QuantizationSection(bits=4),
+                        torch.device("cpu"))
     (lora,) = build_methods([LoRABlock(method="lora", r=16, alpha=32, dropout=0.0)])
     params = list(lora.attach(loaded.model).values())
     if fused:
@@ -175,6 +177,9 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true", help="also qtrain with training.compile (timed)")
     ap.add_argument("--opaque", action="store_true", help="with --compiled: also compiled with every weight "
                     "multiplied by qtrain::frozen_mm, as a big model's are (quantization.IN_GRAPH_MAX_BYTES)")
+    ap.add_argument("--eager-attention", action="store_true", help="with --compiled: also compiled with eager "
+                    "attention (no sdpa: a checkpointed compiled block wraps each sdpa, an op aten tags random, in "
+                    "the partitioner's RNG-state operators)")
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit",
                                                              "paged_adamw_32bit"],
                     help="both sides' optimizer (default adamw: torch's fused; the 8-bit ones: bnb's class for peft)")
@@ -194,6 +199,10 @@ def main() -> None:
             t0 = time.perf_counter()
             steps["qtrain compiled"]()  # compiles the blocks (two graphs: the first block's input needs no grad)
             print(f"qtrain compiled: first step (compiling) {time.perf_counter() - t0:.1f} s")
+        if a.compiled and a.eager_attention:
+            steps["qtrain compiled eager-attn"] = qtrain_step(folder, a.tokens, compiled=True, optimizer=a.optimizer,
+                                                              attention="eager")
+            steps["qtrain compiled eager-attn"]()
         if a.compiled and a.opaque:
             steps["qtrain compiled opaque"] = every_weight_opaque(
                 qtrain_step(folder, a.tokens, compiled=True, optimizer=a.optimizer))
