@@ -10,13 +10,16 @@ peak at each point `measure` runs.
 
 `measure` writes a random-weight checkpoint of those shapes (with SmolLM2's tokenizer: only the ids matter),
 then runs each point as its own `python -m qtrain run` process with the CUDA allocator capped to the card it
-simulates (`torch.cuda.set_per_process_memory_fraction`), and prints one JSON line per point: peak
-`torch.cuda.max_memory_allocated`, median tokens/s after the first step, the host memory the run added (peak
-RSS), the savers `auto` chose, and the planner's prediction (tensor bytes: the CUDA context term removed, which
-`max_memory_allocated` does not see; `predicted_allocated_gib` also without the optimizer states bnb pages, which
-live in CUDA managed memory outside torch's allocator and its cap, and `planner_error` against the measured
-peak). `--tokenizer KIT/tok` takes the tokenizer from an offline kit
-(`benchmarks/gpu.py prepare`); `--deadline SECONDS` skips or stops a point that would run past it.
+simulates (`torch.cuda.set_per_process_memory_fraction`), and prints one JSON line per point:
+- peak `torch.cuda.max_memory_allocated` and median tokens/s after the first step;
+- the run's peak resident host memory (`host_rss_gib`: Python, torch and CUDA's libraries, the loaded
+  checkpoint's pages, and the pinned buffers the savers add; the offload's own peak is `offload.host_bytes_peak`);
+- the savers `auto` chose;
+- the planner's prediction: tensor bytes without the CUDA context term, which `max_memory_allocated` does not
+  see; `predicted_allocated_gib` also without the optimizer states bnb pages, which live in CUDA managed memory
+  outside torch's allocator and its cap; and `planner_error` against the measured peak.
+`--tokenizer KIT/tok` takes the tokenizer from an offline kit (`benchmarks/gpu.py prepare`); `--deadline SECONDS`
+skips or stops a point that would run past it.
 `--shape tiny --device-check off --max-seq 256` runs the same code on a CPU with a tiny model (the mechanics
 only, no caps), which is how it was tested here; no GPU was available to this work, so its figures are still
 to be measured.
@@ -143,12 +146,15 @@ def write_checkpoint(out: Path, shape: str, tokenizer: str | None = None) -> Non
     load_tokenizer(source, ModelSection()).save_pretrained(out)
 
 
-CAPPED_RUN = """import os, sys, torch
+CAPPED_RUN = """import json, os, resource, sys, torch
 cap = float(os.environ.get("CAP_GIB") or 0)
 if cap:
     torch.cuda.set_per_process_memory_fraction(cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
 from qtrain.cli import main
-sys.exit(main(sys.argv[1:]))
+rc = main(sys.argv[1:])
+with open(os.environ["RSS_FILE"], "w") as f:  # the run's peak resident host memory, pinned buffers included
+    json.dump({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, f)
+sys.exit(rc)
 """
 
 
@@ -173,7 +179,7 @@ def measure(shape: str, steps: int, points: list[str], caps: bool, max_seq: int,
         out, seq = work / name, min(seq, max_seq)
         raw = run_config(str(model), str(data), str(out), seq, micro, rank, targets, cap, overrides, steps)
         (work / f"{name}.yaml").write_text(yaml.safe_dump(raw))
-        env = {**os.environ, "CAP_GIB": str(cap if caps and cap else ""),
+        env = {**os.environ, "CAP_GIB": str(cap if caps and cap else ""), "RSS_FILE": str(work / f"{name}.rss.json"),
                "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         result = {"point": name, **predicted(model_config(shape), seq, micro, rank, targets, cap, overrides)}
         left = deadline - (time.perf_counter() - start)
@@ -195,7 +201,8 @@ def measure(shape: str, steps: int, points: list[str], caps: bool, max_seq: int,
             peak = summary["peak_mem_mb"] / 1024  # on a CPU the process's RSS: no planner error then
             if caps:
                 result["planner_error"] = round(result["predicted_allocated_gib"] / peak - 1, 3)
-            result.update({"peak_gib": round(peak, 2),
+            rss = json.loads((work / f"{name}.rss.json").read_text())["peak_rss_bytes"]
+            result.update({"peak_gib": round(peak, 2), "host_rss_gib": round(rss / GiB, 2),
                            "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows[1:] or rows)),
                            "savers_run": {k: summary.get(k) for k in ("embeddings_on_host", "mlp_chunk_tokens",
                                                                        "activation_offload")},
@@ -203,7 +210,7 @@ def measure(shape: str, steps: int, points: list[str], caps: bool, max_seq: int,
         else:
             result["error"] = (proc.stderr or proc.stdout)[-400:]
         print(json.dumps(result), flush=True)
-    print(f"runs in {work}; peak host RSS is in each run's metrics only on CPU", file=sys.stderr)
+    print(f"runs in {work}", file=sys.stderr)
 
 
 def main() -> None:
