@@ -439,15 +439,13 @@ def child(args: list[str], timeout: float, log: Path) -> dict:
 
 
 def planned_allocated_mib(config: Path) -> float | None:
-    """The planner's peak for `config` on CUDA, less what lives outside torch's allocator: the CUDA context, and
-    the optimizer states bnb pages (`get_paged`: cudaMallocManaged, which `max_memory_allocated` never sees)."""
+    """The planner's `allocator_bytes` for `config` on CUDA: its peak less what lives outside torch's allocator
+    (the CUDA context; the optimizer states bnb pages, cudaMallocManaged, which `max_memory_allocated` never sees)."""
     p = subprocess.run([sys.executable, "-m", "qtrain", "plan", str(config), "--device", "cuda", "--json"],
                        capture_output=True, text=True)
     if p.returncode:
         return None
-    d = json.loads(p.stdout)
-    outside = d["components"].get("runtime_overhead", 0) + d["details"].get("pageable_optimizer_states", 0)
-    return (d["peak_bytes"] - outside) / 2**20
+    return json.loads(p.stdout)["details"]["allocator_bytes"] / 2**20
 
 
 def run(args) -> int:

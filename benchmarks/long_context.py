@@ -107,10 +107,9 @@ def predicted(shape: dict, seq, micro, rank, targets, cap, overrides) -> dict:
     if cap:
         s = auto_memory_savers(s, int(cap * GiB), autos(cfg))
     est = estimate(s)
-    paged = est.details["pageable_optimizer_states"]  # bnb's managed memory: on the device, not in the allocator
     return {"predicted_tensor_gib": round((est.peak - CUDA_CONTEXT) / GiB, 2),
-            "predicted_allocated_gib": round((est.peak - CUDA_CONTEXT - paged) / GiB, 2),
-            "paged_states_gib": round(paged / GiB, 3),
+            "predicted_allocated_gib": round(est.details["allocator_bytes"] / GiB, 2),
+            "paged_states_gib": round(est.details["pageable_optimizer_states"] / GiB, 3),
             "predicted_host_gib": round(est.details["host_bytes"] / GiB, 2),
             "savers": {"embeddings_on_host": s.host_embeddings, "mlp_chunk_tokens": s.mlp_chunk,
                        "activation_offload": s.offload}}

@@ -146,8 +146,9 @@ def packed_linear_bytes(n_in: int, n_out: int, bits: int | None, compute_bytes: 
 _LAYOUTS: dict[tuple[Any, ...], tuple[list[int], list[dict[str, int] | None]]] = {}
 
 
-def _layout(s: Setup) -> tuple[list[int], list[dict[str, int] | None]]:
-    """(element counts of the trainable tensors, per block: targeted linear → rank, or None if not LoRA-like).
+def _layout(s: Setup) -> tuple[list[int], list[dict[str, int] | None], list[int]]:
+    """(element counts of the trainable tensors, per block: targeted linear → rank, or None if not LoRA-like,
+    per decoder layer: the elements of its LoRA-like tensors, whose gradients its backward makes).
 
     bnb decides 8-bit vs 32-bit optimizer state per tensor, hence the sizes. Cached per (arch, blocks): the
     solver re-estimates the same model many times, and target matching is the slow part on 80-layer models."""
@@ -155,32 +156,29 @@ def _layout(s: Setup) -> tuple[list[int], list[dict[str, int] | None]]:
     if key not in _LAYOUTS:
         sizes: list[int] = []
         targets: list[dict[str, int] | None] = []
+        per_layer = [0] * s.arch.layers
         for b in s.blocks:
             if lora_like(b):
                 chosen = {name: _rank(b, name) for name in s.arch.linears() if _targeted(b, name)}
                 for name, (i, o) in s.arch.linears().items():
                     if name in chosen:
-                        sizes += [chosen[name] * i, chosen[name] * o] + ([o] if getattr(b, "dora", False) else [])
+                        tensors = [chosen[name] * i, chosen[name] * o] + ([o] if getattr(b, "dora", False) else [])
+                        sizes += tensors
+                        per_layer[int(name.split(".")[2])] += sum(tensors)  # model.layers.{i}.…
                 targets.append(chosen)
             else:
                 sizes += [n] if (n := b.trainable_parameters(s.arch)) > 0 else []
                 targets.append(None)
         if len(_LAYOUTS) > 256:
             _LAYOUTS.clear()
-        _LAYOUTS[key] = (sizes, targets)
+        _LAYOUTS[key] = (sizes, targets, per_layer)
     return _LAYOUTS[key]
 
 
 def _layer_gradients(s: Setup) -> list[int]:
     """Bytes of the fp32 gradients each decoder layer's LoRA-like tensors get; their layer's backward makes them.
     Other methods' tensors (prompts, adapters, unfrozen layers, ...) are not attributed to a layer."""
-    per = [0] * s.arch.layers
-    linears = s.arch.linears()
-    for b, chosen in zip(s.blocks, _layout(s)[1]):
-        for name, rank in (chosen or {}).items():
-            i, o = linears[name]
-            per[int(name.split(".")[2])] += 4 * (rank * (i + o) + (o if getattr(b, "dora", False) else 0))
-    return per
+    return [4 * n for n in _layout(s)[2]]
 
 
 def _optimizer_state(s: Setup, sizes: list[int]) -> tuple[int, int]:
@@ -216,7 +214,7 @@ def _layer_saved_per_token(s: Setup, layer: int) -> tuple[float, float]:
     mlp = (2 if s.fused else 3) * a.intermediate * e  # gate, silu(gate), up; fused: silu(gate) is rebuilt
     total += mlp
     size = {"attn_in": a.hidden, "o_in": q, "mlp_in": a.hidden, "down_in": a.intermediate}
-    sizes, targets = _layout(s)
+    targets = _layout(s)[1]
     for group, names in GROUPS.items():
         before = total
         shared = copies = 0  # the input itself kept once; fp32 copies kept per LoRA wrapper
@@ -409,9 +407,8 @@ def estimate(s: Setup) -> Estimate:
     progressive = s.accumulation == 1 and s.shards == 1 and not s.data_parallel
     layer_grads = _layer_gradients(s) if progressive else [0] * a.layers
     grads_always = trainable - sum(layer_grads)
-    below = list(itertools.accumulate(layer_ckpt if s.checkpointing else n for n in kept))
-    if offloaded:
-        below = [ckpt_inputs] * a.layers
+    below = [ckpt_inputs] * a.layers if offloaded else \
+        list(itertools.accumulate(layer_ckpt if s.checkpointing else n for n in kept))
     grads_from = list(itertools.accumulate(reversed(layer_grads)))[::-1]
     top = max(range(a.layers), key=lambda k: (below[k] + grads_from[k], k))
 
@@ -448,6 +445,8 @@ def estimate(s: Setup) -> Estimate:
     }
     comp = {k: int(v) for k, v in comp.items()}
     details["tensor_bytes"] = sum(comp.values()) - overhead
+    # what torch's allocator holds of it (`max_memory_allocated`): bnb's paged states are CUDA managed memory
+    details["allocator_bytes"] = details["tensor_bytes"] - paged
     return Estimate(comp, details, sum(comp.values()))
 
 
