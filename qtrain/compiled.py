@@ -33,9 +33,11 @@ qtrain's checkpoint function, and, without checkpointing, the instance's own `fo
 from __future__ import annotations
 
 import functools
+import logging
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from qtrain.errors import QTrainError
@@ -47,6 +49,10 @@ if TYPE_CHECKING:
 
 BACKEND = "inductor"  # torch.compile's backend (tests use "aot_eager": the same graph, run by eager kernels)
 _COMPILED: dict[tuple[Callable, bool, str], Callable] = {}
+# No bounds check on indirect indexing: a block's only table lookups are its 4-bit weights' codes, indexed by
+# unpacked 4- and 8-bit values, in range by construction. On a GPU the check is a device-side assert per lookup;
+# torch 2.11's CPU code generator could not even compile it in bf16.
+INDUCTOR_OPTIONS = {"assert_indirect_indexing": False}
 
 
 def _configure() -> None:
@@ -57,6 +63,28 @@ def _configure() -> None:
     # (it would run the block uncompiled). The value is restored before the block returns, so not replaying it
     # in the recompute changes nothing.
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    # torch warns, once per process, that a checkpoint given a policy (`_recompute_everything`) must not hold
+    # in-place operators. The blocks' (LoRA's `addmm_` into the base product, the dequantization into a new
+    # buffer) write only tensors made in the same call, which the compiler functionalizes; the traced gradients
+    # equal eager's bit for bit (tests/test_compile.py). The warning would only alarm every run's log.
+    logging.getLogger("torch._higher_order_ops.wrap").addFilter(_not_the_in_place_warning)  # (adds it once)
+
+
+def _not_the_in_place_warning(record: logging.LogRecord) -> bool:
+    return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
+
+
+def _always_recompute(ctx, op, *args, **kwargs):
+    return torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _recompute_everything():
+    """A compiled checkpoint's policy, stated rather than left to torch: every operator recomputed. Plain
+    checkpointing means that, but torch 2.11 tags only the operators dynamo sees, not those inside an
+    autograd.Function (LoRA's, the frozen base's), so the compiler saved every product of the block: the
+    activations checkpointing is there to drop. Given a policy, it tags each operator as it traces it. torch 2.13
+    implements plain checkpointing with this very policy."""
+    return torch.utils.checkpoint.create_selective_checkpoint_contexts(_always_recompute)
 
 
 def compiled_block(forward: Callable, checkpointed: bool) -> Callable:
@@ -68,13 +96,15 @@ def compiled_block(forward: Callable, checkpointed: bool) -> Callable:
         _configure()
         if checkpointed:
             def block(*args, **kwargs):
-                return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+                return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False,
+                                                         context_fn=_recompute_everything, **kwargs)
             functools.update_wrapper(block, forward)
         else:
             block = forward
         # dynamic=None: a second sequence length makes that dimension symbolic (batches are padded to their own
         # longest row, so lengths vary) instead of one graph per length up to dynamo's recompile limit
-        fn = _COMPILED[key] = torch.compile(block, backend=BACKEND, dynamic=None)
+        options = INDUCTOR_OPTIONS if BACKEND == "inductor" else None
+        fn = _COMPILED[key] = torch.compile(block, backend=BACKEND, dynamic=None, options=options)
     return fn
 
 

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.utils.checkpoint
@@ -342,16 +342,44 @@ def mark_recompute_tail(layer: nn.Module) -> bool:
     return False
 
 
+def _block_call(function) -> tuple[Callable, nn.Module] | None:
+    """(the block class's plain forward, the block) when `function` is transformers' checkpointed call of a decoder
+    block, in either of its forms: `partial(forward, layer, **kwargs)` (transformers 5.2x, whose module hooks run
+    outside the checkpoint), or `partial(layer's nn.Module.__call__, **kwargs)` (earlier 5.x, e.g. 5.17, where
+    they run inside it; such a call is taken apart only where no hook would be skipped)."""
+    from qtrain.compiled import plain_forward
+
+    if not isinstance(function, functools.partial):
+        return None
+    if function.args and isinstance(function.args[0], nn.Module):
+        return function.func, function.args[0]
+    layer = getattr(function.func, "__self__", None)
+    if (isinstance(layer, nn.Module) and getattr(function.func, "__func__", None) is nn.Module.__call__
+            and not _has_hooks(layer)):
+        return plain_forward(layer), layer
+    return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether a call of `module` runs any hook, its own or a global one."""
+    from torch.nn.modules import module as hooks
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+
+
 def _checkpoint(function, *args, offload=None, **kwargs):
     """`torch.utils.checkpoint` (non-reentrant) that lets the block's code know which run it is in; with
     `offload` (a `qtrain.offload.ActivationOffload`) the block's hidden-state input waits in host memory. A
     compiled block (`qtrain.compiled`) is checkpointed inside its compiled function instead."""
     from qtrain.compiled import compiled_block, runs_compiled
 
-    if isinstance(function, functools.partial) and function.args and runs_compiled(function.args[0],
-                                                                                   function.keywords):
-        # the checkpoint goes inside the compiled block (`qtrain.compiled`): `partial(forward, layer, **kwargs)`
-        checkpointed = functools.partial(compiled_block(function.func, True), *function.args, **function.keywords)
+    block = _block_call(function)
+    if block is not None and torch.is_grad_enabled() and runs_compiled(block[1], function.keywords):
+        # the checkpoint goes inside the compiled block (`qtrain.compiled`); transformers 5.17 checkpoints
+        # without gradients too (5.2x does not)
+        checkpointed = functools.partial(compiled_block(block[0], True), block[1], **function.keywords)
     else:
         runs = 0
 

@@ -74,7 +74,11 @@ class FrozenMatmul(torch.autograd.Function):
             y = linear_product(x.reshape(-1, x.shape[-1]).to(dtype), layer, bias, dtype)  # (N, out)
         ctx.layer, ctx.dtype, ctx.x_shape, ctx.x_dtype = layer, dtype, x.shape, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        # never `.to()` to the dtype it has: that returns the tensor itself, and torch 2.11's compiler then takes
+        # the output for one of the intermediates the traced forward hands its backward, and differentiates it
+        # with a zero gradient (every input gradient through a compiled base layer was zero; fixed by 2.13)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):

@@ -6,6 +6,7 @@ signature without a graph break, the dropout masks replayed in the compiled reco
 Inductor compiles C++ on the CPU (seconds per graph), so most tests trace with "aot_eager": the same captured
 and differentiated graph, run by torch's own kernels, which is where tracing mistakes would show."""
 
+import functools
 import json
 
 import pytest
@@ -15,6 +16,8 @@ import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch._dynamo.utils import counters
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import qtrain.compiled as compiled
 from qtrain.cli import main
@@ -163,6 +166,109 @@ def test_traced_blocks_give_exactly_the_eager_gradients(llama_dir, blocks, bits)
         assert all(torch.equal(eager[k], grads[k]) for k in eager), _worst(eager, grads)
     if blocks is LORA:
         assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_compiled_frozen_layer_passes_its_input_gradient_on(bits, dtype):
+    """A frozen quantized layer called alone in a compiled function (as IA3, adapters and DoRA call their base)
+    gives eager's input gradient. Under torch 2.11 it gave zeros wherever the input already had the compute
+    dtype: the layer's forward returned `y.to(x.dtype)`, the tensor itself, and the compiler took it for an
+    intermediate it hands the backward (checked there; this torch has the fix, so here it guards the code).
+    Bit for bit on 4 bits; 8 bits within 2⁻⁷ of the largest entry (`_int8_row_scale`: one bf16 rounding moves)."""
+    from qtrain.quantization import QuantSpec, quantize_linear
+
+    torch.manual_seed(0)
+    layer = quantize_linear(torch.nn.Linear(64, 32, bias=False), QuantSpec(bits=bits, compute_dtype=dtype))
+    x = torch.randn(5, 64, dtype=dtype, requires_grad=True)
+    scale = torch.linspace(-1, 1, 32, dtype=dtype)
+
+    def f(t):
+        return (layer(t) * scale).float().sum()
+
+    f(x).backward()
+    eager, x.grad = x.grad, None
+    torch.compile(f, backend="aot_eager")(x).backward()
+    assert eager.abs().max() > 0.1
+    if bits == 4:
+        assert torch.equal(x.grad, eager)
+    else:  # eager applies the 8-bit row scale to the product for so few tokens (one rounding moves, as above)
+        assert (x.grad - eager).abs().max() <= 2 ** -7 * eager.abs().max()
+
+
+def test_a_compiled_checkpoint_hands_its_backward_no_activation(llama_dir, monkeypatch):
+    """A checkpointed compiled block saves for its backward only its inputs (and aliases of its parameters):
+    no product of a linear, no LoRA intermediate. Under torch 2.11 plain checkpointing left the operators inside
+    autograd.Functions untagged and the compiler saved them: 189,696 bytes a block here (each linear's input,
+    h·Aᵀ and output), which the stated recompute-everything policy brings to none (checked there)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    saved = []
+
+    def forward_compiler(gm, example_inputs):
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        for node in outputs[1:]:  # the first is the block's output
+            source = node
+            while source.op == "call_function" and "detach" in str(source.target):
+                source = source.args[0]
+            value = node.meta.get("val")
+            if source.op != "placeholder" and isinstance(value, torch.Tensor) and value.dim() > 1:
+                saved.append((node.name, tuple(value.shape)))
+        return make_boxed_func(gm.forward)
+
+    monkeypatch.setattr(compiled, "BACKEND", aot_autograd(
+        fw_compiler=forward_compiler, bw_compiler=lambda gm, example_inputs: make_boxed_func(gm.forward)))
+    model, params = _model(llama_dir, LORA)
+    enable_checkpointing(model)
+    compiled.compile_blocks(model)
+    _step(model, params)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert saved == []
+
+
+def _call_as_in_transformers_5_17(self, *args, **kwargs):
+    """transformers 5.17's `GradientCheckpointingLayer.__call__` (its cache checks aside): the checkpoint wraps
+    the module's whole call, hooks included, where 5.2x wraps `partial(forward, layer)`."""
+    call = super(GradientCheckpointingLayer, self).__call__
+    if self.gradient_checkpointing and self.training:
+        return self._gradient_checkpointing_func(functools.partial(call, **kwargs), *args)
+    return call(*args, **kwargs)
+
+
+@pytest.fixture
+def transformers_5_17_checkpointing(monkeypatch):
+    """Llama's blocks checkpointed as transformers 5.17 (the first GPU machine's) does it."""
+    forward = LlamaDecoderLayer.forward
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", getattr(forward, "__wrapped__", forward))
+    monkeypatch.setattr(LlamaDecoderLayer, "__call__", _call_as_in_transformers_5_17)
+
+
+def test_blocks_checkpointed_as_older_transformers_does_compile_too(llama_dir, transformers_5_17_checkpointing):
+    """Under transformers 5.17 the checkpoint function is given `partial(<the layer's nn.Module.__call__>,
+    **kwargs)`; qtrain knew only 5.2x's `partial(forward, layer, **kwargs)`, so there the blocks silently ran
+    uncompiled. Now they compile in that form too: exactly eager's loss and gradients, two graphs, no break."""
+    (eager_loss, eager, _), (loss, grads, _) = _pair(llama_dir, LORA, True)
+    assert loss == eager_loss
+    assert all(torch.equal(eager[k], grads[k]) for k in eager)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert not counters["graph_break"]
+
+
+def test_a_hooked_block_checkpointed_as_older_transformers_does_keeps_its_hooks(llama_dir,
+                                                                                   transformers_5_17_checkpointing):
+    """In 5.17's form a block's hooks run inside its checkpoint, so a hooked block is not taken apart into its
+    compiled forward (which would skip them): it runs uncompiled, and its hook runs in the forward and again in
+    the recompute."""
+    model, params = _model(llama_dir, LORA)
+    enable_checkpointing(model)
+    calls = []
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda module, args, i=i: calls.append(i))
+    compiled.compile_blocks(model)
+    _step(model, params)
+    assert sorted(calls) == [0, 0, 1, 1, 2, 2]
+    assert counters["stats"]["unique_graphs"] == 0
 
 
 def test_4bit_dequantization_is_traced_as_torch_operators(llama_dir, monkeypatch):

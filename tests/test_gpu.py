@@ -553,6 +553,7 @@ def test_traced_4bit_dequantization_equals_bnbs_kernel(quant_type, dtype, blocks
 
     from bitsandbytes.functional import dequantize_4bit
 
+    from qtrain.compiled import INDUCTOR_OPTIONS
     from qtrain.quantization import QuantSpec, _dequantize_4bit_torch, quantize_linear
 
     if DEVICE.type == "cpu" and 576 % blocksize:
@@ -565,7 +566,8 @@ def test_traced_4bit_dequantization_equals_bnbs_kernel(quant_type, dtype, blocks
     ref = dequantize_4bit(packed, state)
     assert torch.equal(_dequantize_4bit_torch(packed, state, dtype), ref)
     torch._dynamo.reset()
-    out = torch.compile(_dequantize_4bit_torch, backend="inductor", dynamic=False)(packed, state, dtype)
+    out = torch.compile(_dequantize_4bit_torch, backend="inductor", dynamic=False,
+                        options=INDUCTOR_OPTIONS)(packed, state, dtype)
     off = out != ref
     ulp = torch.finfo(dtype).eps * ref.double().abs()
     assert dtype == torch.float32 or float(off.float().mean()) <= 0.01
