@@ -69,9 +69,19 @@ def shard_model(model: nn.Module, settings: FSDPSettings) -> nn.Module:
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     extra: dict[str, Any] = {"offload_policy": CPUOffloadPolicy()} if settings.offload_params else {}
-    for layer in model.get_decoder().layers:
-        fully_shard(layer, reshard_after_forward=settings.reshard_after_forward, **extra)
-    fully_shard(model, **extra)
+    try:
+        for layer in model.get_decoder().layers:
+            fully_shard(layer, reshard_after_forward=settings.reshard_after_forward, **extra)
+        fully_shard(model, **extra)
+    except RuntimeError as e:
+        # torch 2.11's FSDP2 makes every shard a parameter that requires grad before copying the flag over,
+        # which an integer tensor cannot be (2.13 passes the flag in)
+        if "floating point dtype can require gradients" not in str(e):
+            raise
+        raise QTrainError(f"quantization.bits: 8 cannot be sharded by the FSDP of torch {torch.__version__}: it "
+                          "fails on integer weights, and 8-bit weights are int8. Use quantization.bits: 4 with "
+                          "quantization.quant_storage: bfloat16 (or float32), which stores them in a float dtype "
+                          "that shards, or a torch that shards integer parameters (2.13 does)") from None
     return model
 
 
