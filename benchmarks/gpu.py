@@ -247,6 +247,8 @@ def child_qtrain(config: str, profile_dir: str | None = None) -> None:
     print(json.dumps({"rc": rc, "step_times": [round(b - a, 4) for a, b in zip(elapsed, elapsed[1:])],
                       "losses": [r["loss"] for r in steps], "fused_ops": summary.get("fused_ops_backend"),
                       "compile": summary.get("compile"), "first_step_s": elapsed[0] if elapsed else None,
+                      "compiled_block_calls": summary.get("compiled_block_calls"),
+                      "graph_breaks": summary.get("graph_breaks"),
                       **peaks(torch), **({"profile": found["summary"]} if "summary" in found else {})}))
 
 
@@ -542,7 +544,8 @@ def summarise(r: dict, tokens: int, n_matmul: int, tflops: float) -> dict:
            "mfu": round(6 * n_matmul * tokens / s / (tflops * 1e12), 3)}
     if "fused_ops" in r:
         out["fused_ops"] = r["fused_ops"]  # the backend the fused ops ran on ("triton", "torch"), or None: off
-    for k in ("compile", "first_step_s", "profile"):  # compiled blocks; the first step (compiling them); a trace
+    # compiled blocks (and whether they ran compiled, whole); the first step (compiling them); a trace
+    for k in ("compile", "compiled_block_calls", "graph_breaks", "first_step_s", "profile"):
         if k in r:
             out[k] = r[k]
     for k in ("peak_allocated_mib", "peak_reserved_mib", "peak_rss_mib", "planned_allocated_mib"):
@@ -559,8 +562,11 @@ def line(r: dict) -> str:
     mem = r.get("peak_allocated_mib", r.get("peak_rss_mib"))
     plan = f"  plan {r['planner_error']:+.1%}" if "planner_error" in r else ""
     first = f"  first step {r['first_step_s']:.1f} s" if r.get("first_step_s") is not None else ""
+    uncompiled = (r.get("compile") and (r.get("compiled_block_calls") == 0 or r.get("graph_breaks"))
+                  and f"  NOT COMPILED AS MEANT ({r['compiled_block_calls']} compiled calls, "
+                      f"{r['graph_breaks']} graph breaks)")
     return (f"{r['s_per_step']:.3f} s/step {r['tokens_per_s']:>8} tok/s  peak {mem:,.0f} MiB  MFU {r['mfu']:.1%}"
-            f"{plan}{first}")
+            f"{plan}{first}{uncompiled or ''}")
 
 
 def table(result: dict) -> str:

@@ -104,8 +104,25 @@ def compiled_block(forward: Callable, checkpointed: bool) -> Callable:
         # dynamic=None: a second sequence length makes that dimension symbolic (batches are padded to their own
         # longest row, so lengths vary) instead of one graph per length up to dynamo's recompile limit
         options = INDUCTOR_OPTIONS if BACKEND == "inductor" else None
-        fn = _COMPILED[key] = torch.compile(block, backend=BACKEND, dynamic=None, options=options)
+        compiled = torch.compile(block, backend=BACKEND, dynamic=None, options=options)
+
+        def fn(*args, **kwargs):
+            _CALLS[0] += 1
+            return compiled(*args, **kwargs)
+        _COMPILED[key] = fn
     return fn
+
+
+_CALLS = [0]  # calls of compiled blocks in this process
+
+
+def activity() -> tuple[int, int]:
+    """(compiled block calls, graph breaks) so far in this process: `qtrain run` reports the difference a run
+    made, so a run that compiled nothing, or compiled its blocks in pieces, does not pass for a compiled one
+    (under transformers 5.17 no checkpointed block reached its compiled function, and nothing said so)."""
+    from torch._dynamo.utils import counters
+
+    return _CALLS[0], sum(counters["graph_break"].values())
 
 
 _CACHES = ("cache", "past_key_values", "past_key_value", "layer_past")

@@ -303,12 +303,20 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
 
     say(f"qtrain: training {steps} steps × {cfg.training.gradient_accumulation_steps} × "
         f"{cfg.training.micro_batch_size} {'packed rows' if cfg.data.packing else 'examples'}")
+    compiled_before = compiled.activity()
     try:
         with stop_on_signals(say) as stop:
             result = train(model, groups, batches, cfg.training, steps, accelerator, log, progress=show_bar,
                            checkpoints=checkpoints, stop=stop)
     finally:
         logger.close()
+    calls, breaks = (a - b for a, b in zip(compiled.activity(), compiled_before))
+    if cfg.training.compile and result.losses and (calls == 0 or breaks):
+        what = ("no decoder block ran compiled" if calls == 0
+                else f"the compiler broke the blocks into pieces ({breaks} graph breaks)")
+        say(f"qtrain: warning: training.compile is on, but {what}: the steps are right, without the speed "
+            "compiling is for (this torch or transformers traces the blocks otherwise than those qtrain is tested "
+            "with)")
     if result.stopped:
         say(f"qtrain: stopped after step {result.steps} of {steps}; checkpoint {result.checkpoint}")
         return {"stopped": True, "steps": result.steps, "checkpoint": str(result.checkpoint)}
@@ -323,6 +331,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
                                                   "gradient_checkpointing", "activation_offload",
                                                   "mlp_chunk_tokens", "fused_ops", "compile")},
         "fused_ops_backend": fused["backend"] if fused else None,
+        "compiled_block_calls": calls, "graph_breaks": breaks,
         "embeddings_on_host": cfg.model.embeddings_on_host,
     }
     if offload is not None:

@@ -472,9 +472,11 @@ def test_a_compiled_run_trains_records_and_resumes_its_decision(tmp_path, llama_
                        training={"max_steps": 6, "micro_batch_size": 2, "compile": True, "save_every": 3,
                                  "learning_rate": 3e-3})
     assert main(["run", str(cfg)]) == 0
-    assert "compile on" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "compile on" in out and "warning" not in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["compile"] is True and summary["fused_ops"] is False
+    assert summary["compiled_block_calls"] == 6 * 3 and summary["graph_breaks"] == 0  # steps × blocks
     assert summary["final_loss"] < summary["first_loss"]
     raw = yaml.safe_load(cfg.read_text())
     raw["training"]["compile"] = "auto"
@@ -482,6 +484,19 @@ def test_a_compiled_run_trains_records_and_resumes_its_decision(tmp_path, llama_
     step3 = tmp_path / "run" / "checkpoints" / "step-3"
     assert main(["run", str(cfg), f"--resume={step3}"]) == 0
     assert "compile on" in capsys.readouterr().out
+
+
+def test_a_run_whose_blocks_never_ran_compiled_says_so(tmp_path, llama_dir, dates_file, capsys, monkeypatch):
+    """compile: true, but no block reaches its compiled function (what transformers 5.17's checkpoint call did
+    before qtrain knew it; here the blocks are simply not marked): the run trains and says so at the end, and
+    its summary records no compiled call."""
+    monkeypatch.setattr(compiled, "compile_blocks", lambda model: 0)
+    cfg = write_config(tmp_path, llama_dir, dates_file, data={"train": str(dates_file), "max_seq_len": 64},
+                       peft=[{"method": "lora", "r": 4, "alpha": 8}],
+                       training={"max_steps": 2, "micro_batch_size": 2, "compile": True})
+    assert main(["run", str(cfg)]) == 0
+    assert "warning: training.compile is on, but no decoder block ran compiled" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["compiled_block_calls"] == 0
 
 
 def test_the_planner_counts_a_compiled_block_as_a_fused_one():

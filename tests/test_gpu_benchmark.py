@@ -37,6 +37,12 @@ def test_summary_takes_the_median_after_warm_up_and_the_usual_utilisation():
     assert r["mfu"] == round(6 * 10**9 * 2048 / 0.55 / 100e12, 3)
     assert r["planner_error"] == 0.1
     assert gpu.summarise({"error": "exit 1"}, 1, 1, 1.0) == {"error": "exit 1"}
+    assert "NOT COMPILED" not in gpu.line(r)
+    # a compiled run whose blocks never ran compiled, or ran in pieces, is flagged in its line
+    base = {"step_times": [1.0, 0.5], "losses": [1.0], "peak_allocated_mib": 1.0, "compile": True}
+    for calls, breaks, flagged in ((96, 0, False), (0, 0, True), (96, 3, True)):
+        line = gpu.line(gpu.summarise({**base, "compiled_block_calls": calls, "graph_breaks": breaks}, 1, 1, 1.0))
+        assert ("NOT COMPILED AS MEANT" in line) == flagged
 
 
 def test_matmul_parameters_of_llama_3_8b():
