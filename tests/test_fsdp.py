@@ -38,7 +38,7 @@ def run_sharded(config, out, *extra):
            "--num_processes", "2", "--main_process_port", str(free_port()),
            "-m", "qtrain", "run", str(config), "--output-dir", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    if proc.returncode == 2 and "cannot be sharded by the FSDP of torch" in proc.stderr:
+    if proc.returncode and "cannot be sharded by the FSDP of torch" in proc.stderr:  # (the launcher exits 1)
         pytest.skip(f"this torch ({torch.__version__}) cannot shard 8-bit weights, and qtrain said so")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "FSDP2: base and adapters sharded over 2 processes" in proc.stdout  # not a silent data-parallel run
