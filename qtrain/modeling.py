@@ -361,12 +361,12 @@ def _block_call(function) -> tuple[Callable, nn.Module] | None:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    """Whether a call of `module` runs any hook, its own or a global one."""
-    from torch.nn.modules import module as hooks
+    """Whether a call of `module` runs any hook, its own or a global one (torch's own test, as `Module._call_impl`
+    makes it)."""
+    from torch.nn.modules.module import _has_any_global_hook
 
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+                or module._backward_pre_hooks or _has_any_global_hook())
 
 
 def _checkpoint(function, *args, offload=None, **kwargs):
