@@ -21,7 +21,7 @@ from torch import nn
 from qtrain.config import DataSection, RunConfig
 from qtrain.data import Formatter, _adds_bos, collate, load_rows
 from qtrain.methods import prepare_inputs
-from qtrain.train import batch_loss_sum, without_right_padding_mask
+from qtrain.train import batch_loss_sum, host_inputs, to_device, without_right_padding_mask
 from qtrain.numerics import count_targets
 
 
@@ -31,10 +31,11 @@ def eval_loss(model: nn.Module, dataset, micro_batch_size: int, pad_id: int, chu
     was_training = model.training
     model.eval()
     total = count = 0.0
+    on_host = host_inputs(model)
     for start in range(0, len(dataset), micro_batch_size):
         batch = collate([dataset[i] for i in range(start, min(len(dataset), start + micro_batch_size))], pad_id)
         count += count_targets(batch["labels"])
-        batch = {k: v.to(device) for k, v in without_right_padding_mask(batch).items()}
+        batch = to_device(without_right_padding_mask(batch), device, on_host)
         total += float(batch_loss_sum(model, batch, chunk_size))
     model.train(was_training)
     loss = total / max(count, 1)

@@ -29,6 +29,7 @@ from qtrain.errors import QTrainError
 from qtrain.memory import loss_chunk_tokens
 from qtrain.methods import prepare_inputs
 from qtrain.numerics import count_targets, token_loss_sum
+from qtrain.offload import HostEmbedding
 from qtrain.optimizers import make_optimizer_class
 from qtrain.sharding import no_sync
 
@@ -57,12 +58,22 @@ def without_right_padding_mask(batch: dict[str, torch.Tensor]) -> dict[str, torc
     return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A host batch on `device`. On a GPU the copy goes from pinned memory and the host does not wait for it
-    (a copy from pageable memory would make it wait for the GPU to drain its queue first)."""
+def to_device(batch: dict[str, torch.Tensor], device: torch.device,
+              on_host: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """A host batch on `device`, but for the keys `on_host` (`host_inputs`), which stay where they are. On a
+    GPU the copy goes from pinned memory and the host does not wait for it (a copy from pageable memory would
+    make it wait for the GPU to drain its queue first)."""
     if device.type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v if k in on_host else v.to(device) for k, v in batch.items()}
+    return {k: v if k in on_host else v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def host_inputs(model: nn.Module) -> frozenset[str]:
+    """The batch keys `model` reads on the host: a `HostEmbedding` (`model.embeddings_on_host`) gathers its rows
+    there, so the input ids stay on the host. Sent to the GPU, they would have to come back before the gather:
+    a copy to the host, which waits for everything the GPU was given before it, at every forward."""
+    return frozenset({"input_ids"}) if isinstance(unwrap(model).get_input_embeddings(), HostEmbedding) \
+        else frozenset()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -103,7 +114,7 @@ def batch_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
 def mean_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int, accelerator) -> torch.Tensor:
     """One batch's mean token loss, on the accelerator's device and under its autocast (method calibration)."""
     n_targets = count_targets(batch["labels"])
-    batch = to_device(without_right_padding_mask(batch), accelerator.device)
+    batch = to_device(without_right_padding_mask(batch), accelerator.device, host_inputs(model))
     with accelerator.autocast():
         return batch_loss_sum(model, batch, chunk_size, n_targets=n_targets) / max(1, n_targets)
 
@@ -124,8 +135,9 @@ def step_gradients(model: nn.Module, micro: list[dict[str, torch.Tensor]], accel
         n_targets = accelerator.reduce(n_targets, "sum")
     scale = accelerator.num_processes / n_targets  # DDP averages over processes; this undoes it
     loss_sum = torch.zeros((), device=device)
+    on_host = host_inputs(model)
     for i, (batch, count) in enumerate(zip(micro, counts)):
-        batch = to_device(without_right_padding_mask(batch), device)
+        batch = to_device(without_right_padding_mask(batch), device, on_host)
         with nullcontext() if i == len(micro) - 1 else no_sync(model, accelerator):
             with accelerator.autocast():
                 part = batch_loss_sum(model, batch, chunk_size, n_targets=count)

@@ -98,14 +98,14 @@ def test_fused_loss_head_equals_the_plain_one(dtype):
     assert close(fg, pg.double(), dtype)
 
 
-def tiny_lora(model_dir, bits=4, compute="float32"):
+def tiny_lora(model_dir, bits=4, compute="float32", attn="sdpa"):
     from qtrain.config import ModelSection, QuantizationSection
     from qtrain.methods import build_methods
     from qtrain.methods.blocks import LoRABlock
     from qtrain.modeling import load_model
 
-    loaded = load_model(ModelSection(path=str(model_dir)), QuantizationSection(bits=bits, compute_dtype=compute),
-                        DEVICE)
+    loaded = load_model(ModelSection(path=str(model_dir), attn_implementation=attn),
+                        QuantizationSection(bits=bits, compute_dtype=compute), DEVICE)
     torch.manual_seed(0)
     (method,) = build_methods([LoRABlock(method="lora", r=4, alpha=8, dropout=0.0)])
     params = method.attach(loaded.model)
@@ -161,16 +161,24 @@ def test_gradient_accumulation_equals_one_batch(tiny_model_dir, dates_file):
         torch.testing.assert_close(two[2][k], one[2][k], rtol=1e-4, atol=1e-7)
 
 
-def test_a_step_reads_the_device_only_where_expected(tiny_model_dir, dates_file):
+@pytest.mark.parametrize("savers", [False, True], ids=["plain", "host-embeddings+offload"])
+def test_a_step_reads_the_device_only_where_expected(tiny_untied_dir, dates_file, savers):
     """CUDA's sync debug mode warns at each synchronising call; a step may make only transformers' padding
-    check (building the attention mask) and the loop's one read of loss, target count and gradient norm."""
+    check (building the attention mask) and the loop's one read of loss, target count and gradient norm. With
+    the table on the host its ids stay there (no copy back before the gather), and offloaded checkpoints move
+    on a side stream."""
     if DEVICE.type != "cuda":
         pytest.skip("CUDA's synchronisation debug mode (tests/test_host_sync.py checks the CPU's operators)")
     from accelerate import Accelerator
 
+    from qtrain.modeling import enable_checkpointing
+    from qtrain.offload import ActivationOffload, put_embeddings_on_host
     from qtrain.train import grad_norm_of, read_on_host, step_gradients
 
-    loaded, params = tiny_lora(tiny_model_dir, compute="bfloat16")
+    loaded, params = tiny_lora(tiny_untied_dir, compute="bfloat16")
+    if savers:
+        put_embeddings_on_host(loaded.model, DEVICE)
+        enable_checkpointing(loaded.model, offload=ActivationOffload())
     micro = batches_of(loaded, dates_file, [2, 2])
     acc = Accelerator()
     step_gradients(loaded.model, micro, acc, 7)  # warm-up: first calls allocate and may synchronise
@@ -187,6 +195,52 @@ def test_a_step_reads_the_device_only_where_expected(tiny_model_dir, dates_file)
     ours = [w for w in syncs if "masking_utils" not in w.filename]
     assert ours == [], [f"{w.filename}:{w.lineno}" for w in ours]
     assert all(v == v for v in read_on_host(loss_sum, n, norm))
+
+
+@pytest.mark.parametrize("savers", ["offload", "host-embeddings", "both"])
+def test_the_host_memory_savers_give_bit_identical_gradients(tmp_path, savers):
+    """Offloaded checkpoints (side-stream copies to pinned memory, each fetched back one block ahead) and the
+    embedding table on the host (rows gathered there, sent asynchronously) give the loss and LoRA gradients of
+    plain checkpointing bit for bit, in bf16 with eager attention (every kernel deterministic), twice over:
+    a copy that raced its stream would change some byte. On a CPU offload is a copy (tests/test_long_context)."""
+    from accelerate import Accelerator
+
+    from conftest import make_llama_folder
+    from qtrain.modeling import enable_checkpointing
+    from qtrain.offload import ActivationOffload, HostEmbedding, put_embeddings_on_host
+    from qtrain.train import accumulate_gradients
+
+    layers = 6
+    loaded, params = tiny_lora(make_llama_folder(tmp_path / "m", tie=False, layers=layers), compute="bfloat16",
+                               attn="eager")
+    model = loaded.model.train()
+    torch.manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (4, 256))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def step():
+        for p in params.values():
+            p.grad = None
+        loss, _ = accumulate_gradients(model, [batch], Accelerator(cpu=DEVICE.type == "cpu"), 128)
+        return loss, {k: p.grad.clone() for k, p in params.items()}
+
+    enable_checkpointing(model)
+    ref_loss, ref = step()
+    offload = ActivationOffload()
+    if savers != "host-embeddings":
+        enable_checkpointing(model, offload=offload)
+    if savers != "offload":
+        put_embeddings_on_host(model, DEVICE)
+        assert isinstance(model.get_input_embeddings(), HostEmbedding)
+        assert model.get_input_embeddings().weight.device.type == "cpu"
+    for _ in range(2):
+        loss, got = step()
+        assert loss == ref_loss
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), k
+    if savers != "host-embeddings":
+        assert offload.stats["offloaded"] == 2 * layers and offload.stats["prefetched"] == 2 * (layers - 1)
+        assert offload._host_bytes == 0
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])

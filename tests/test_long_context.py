@@ -185,6 +185,32 @@ def test_embeddings_on_the_host_give_the_same_numbers(three_layer_dir, dates_fil
     assert host.weight.dtype == table.dtype
 
 
+def test_the_ids_a_host_table_reads_stay_on_the_host(three_layer_dir, dates_file, monkeypatch):
+    """With the table on the host the batch's input ids are not sent to the device: on a GPU the gather would
+    have to copy them back first, a wait for everything queued before it, at every forward. Every other key
+    moves; without a host table the ids move too."""
+    from qtrain import evaluate, train
+    from qtrain.offload import put_embeddings_on_host
+
+    loaded, params = _lora_model(three_layer_dir)
+    batch = _batch(loaded, dates_file)
+    kept = []
+    real = train.to_device
+    monkeypatch.setattr(train, "to_device",
+                        lambda b, d, on_host=frozenset(): kept.append(on_host) or real(b, d, on_host))
+    monkeypatch.setattr(evaluate, "to_device", train.to_device)
+    _step(loaded.model, params, batch)
+    assert kept == [frozenset()]
+    put_embeddings_on_host(loaded.model, CPU)
+    _step(loaded.model, params, batch)
+    ds, _ = prepare(str(dates_file), DataSection(train="x"), loaded.tokenizer, "data.train")
+    evaluate.eval_loss(loaded.model, [ds[0]], 1, loaded.tokenizer.pad_token_id, 64, CPU)
+    assert kept[1:] == [frozenset({"input_ids"})] * 2
+    moved = real(batch, torch.device("meta"), kept[-1])
+    assert moved["input_ids"] is batch["input_ids"]
+    assert all(moved[k].device.type == "meta" for k in batch if k != "input_ids")
+
+
 def test_embeddings_on_the_host_refuse_a_tied_table(tiny_model_dir):
     from qtrain.errors import QTrainError
     from qtrain.offload import put_embeddings_on_host

@@ -219,7 +219,8 @@ class PrefixEncoder(nn.Module):
             cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), i)  # (B, kv_heads, N, hd)
         inputs = {**inputs, self.cache_keyword: cache}
         if inputs.get("attention_mask") is None:  # unpadded rows come without one (qtrain.train); attention needs it
-            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+            inputs["attention_mask"] = torch.ones(inputs["input_ids"].shape, dtype=torch.long,
+                                                  device=self.embedding.weight.device)  # ids may be on the host
         _prepend(inputs, "attention_mask", self.shape[0], 1)  # (B, N + T): the prefix is visible to every real token
         return inputs
 
