@@ -248,7 +248,7 @@ def child_qtrain(config: str, profile_dir: str | None = None) -> None:
                       "losses": [r["loss"] for r in steps], "fused_ops": summary.get("fused_ops_backend"),
                       "compile": summary.get("compile"), "first_step_s": elapsed[0] if elapsed else None,
                       "compiled_block_calls": summary.get("compiled_block_calls"),
-                      "graph_breaks": summary.get("graph_breaks"),
+                      "graph_breaks": summary.get("graph_breaks"), "allocator": summary.get("cuda_allocator_conf"),
                       **peaks(torch), **({"profile": found["summary"]} if "summary" in found else {})}))
 
 
@@ -545,7 +545,7 @@ def summarise(r: dict, tokens: int, n_matmul: int, tflops: float) -> dict:
     if "fused_ops" in r:
         out["fused_ops"] = r["fused_ops"]  # the backend the fused ops ran on ("triton", "torch"), or None: off
     # compiled blocks (and whether they ran compiled, whole); the first step (compiling them); a trace
-    for k in ("compile", "compiled_block_calls", "graph_breaks", "first_step_s", "profile"):
+    for k in ("compile", "compiled_block_calls", "graph_breaks", "first_step_s", "allocator", "profile"):
         if k in r:
             out[k] = r[k]
     for k in ("peak_allocated_mib", "peak_reserved_mib", "peak_rss_mib", "planned_allocated_mib"):

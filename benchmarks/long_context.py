@@ -145,7 +145,10 @@ def write_checkpoint(out: Path, shape: str, tokenizer: str | None = None) -> Non
     load_tokenizer(source, ModelSection()).save_pretrained(out)
 
 
-CAPPED_RUN = """import json, os, resource, sys, torch
+CAPPED_RUN = """import json, os, resource, sys
+from qtrain.gpus import prefer_expandable_segments
+prefer_expandable_segments()  # as `qtrain run` does; here the cap below is the first CUDA call
+import torch
 cap = float(os.environ.get("CAP_GIB") or 0)
 if cap:
     torch.cuda.set_per_process_memory_fraction(cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
@@ -205,7 +208,9 @@ def measure(shape: str, steps: int, points: list[str], caps: bool, max_seq: int,
                            "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows[1:] or rows)),
                            "savers_run": {k: summary.get(k) for k in ("embeddings_on_host", "mlp_chunk_tokens",
                                                                        "activation_offload")},
-                           "offload": summary.get("offload")})
+                           "offload": summary.get("offload"), "peak_reserved_gib": round(
+                               summary["peak_reserved_mb"] / 1024, 2) if "peak_reserved_mb" in summary else None,
+                           "allocator": summary.get("cuda_allocator_conf")})
         else:
             result["error"] = (proc.stderr or proc.stdout)[-400:]
         print(json.dumps(result), flush=True)

@@ -1,4 +1,5 @@
-"""GPU memory profiles by name, and memory sizes as users write them ("24GB", "12 GiB", 25769803776).
+"""GPU memory profiles by name, memory sizes as users write them ("24GB", "12 GiB", 25769803776), and how torch's
+CUDA allocator is asked to hand out that memory (`prefer_expandable_segments`).
 
 A profile's `usable` bytes are what `cudaMemGetInfo` reports as total on that card (the marketing size minus
 what the driver reserves, e.g. ECC on data-centre cards), so the planner compares its prediction with memory a
@@ -7,8 +8,12 @@ process can actually get. Figures are the commonly reported `nvidia-smi` totals 
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from dataclasses import dataclass
+from importlib import metadata
+from typing import MutableMapping
 
 from qtrain.errors import QTrainError
 
@@ -71,3 +76,42 @@ def fmt_bytes(n: float) -> str:
         if n >= size:
             return f"{sign}{n / size:.2f} {unit}"
     return f"{sign}{int(n)} B"
+
+
+ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+
+
+def prefer_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Ask torch's CUDA caching allocator for expandable segments (`qtrain.run.run` does, first thing); returns the
+    variable set, or None where the user configured the allocator already or the platform has no such segments
+    (they need Linux).
+
+    Why: the default allocator carves tensors out of fixed `cudaMalloc` segments and cannot give a free gap of
+    one segment to a request that needs more, so memory reserved runs ahead of memory used. That slack is worst
+    where tensor sizes vary widely, as at long sequences (a layer's recompute next to a loss chunk next to
+    offloaded inputs coming back); on a card capped at its size it is the difference between a run that fits
+    and one that stops out of memory with gigabytes reserved and unused. Expandable segments map physical pages
+    into one growing range, so a large free gap serves any request. torch reads the variable at the process's
+    first CUDA call: this must run before it (importing torch is fine). torch 2.9 renamed the variable
+    (PYTORCH_ALLOC_CONF; the old name still works and warns).
+    """
+    if not sys.platform.startswith("linux") or any(environ.get(k) for k in ALLOCATOR_VARIABLES):
+        return None
+    try:
+        major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", metadata.version("torch")).groups())
+    except (metadata.PackageNotFoundError, AttributeError, ValueError):
+        major, minor = 2, 9
+    name = ALLOCATOR_VARIABLES[0] if (major, minor) >= (2, 9) else ALLOCATOR_VARIABLES[1]
+    environ[name] = EXPANDABLE_SEGMENTS
+    return name
+
+
+def allocator_settings() -> str | None:
+    """The allocator settings torch runs with (torch >= 2.12 reports them), else the variable in the environment."""
+    import torch
+
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    if get is not None:
+        return get() or None
+    return next((os.environ[k] for k in ALLOCATOR_VARIABLES if os.environ.get(k)), None)

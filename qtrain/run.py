@@ -23,6 +23,7 @@ import yaml
 from qtrain import compiled, sharding
 from qtrain.config import RunConfig
 from qtrain.errors import QTrainError
+from qtrain.gpus import allocator_settings, prefer_expandable_segments
 
 
 def seed_everything(seed: int) -> None:
@@ -155,6 +156,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     from qtrain.train import mean_batch_loss, peak_memory_bytes, train
 
     t0 = time.perf_counter()
+    if not torch.cuda.is_initialized():  # torch reads it at the first CUDA call, a few lines below
+        prefer_expandable_segments()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
         resolve_compute_dtype(cfg.quantization.compute_dtype, device), "no")
@@ -348,6 +351,9 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
                                  if m in v} for k, v in scores.items()}
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     summary["peak_mem_mb"] = round(peak_memory_bytes(accelerator.device) / 2**20, 1)
+    if accelerator.device.type == "cuda":  # what the peak above was allocated under (`prefer_expandable_segments`)
+        summary["peak_reserved_mb"] = round(torch.cuda.max_memory_reserved(accelerator.device) / 2**20, 1)
+        summary["cuda_allocator_conf"] = allocator_settings()
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         say(f"qtrain: loss {summary['first_loss']:.4f} → {summary['final_loss']:.4f} in {result.steps} steps "

@@ -336,6 +336,8 @@ def test_auto_sizes_read_the_devices_memory(tiny_model_dir, dates_file, tmp_path
         assert 0 < device_memory("cuda") < total
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["gradient_checkpointing"] is False and summary["micro_batch_size"] >= 1
+    if DEVICE.type == "cuda":  # what the allocator held at most, and its settings (expandable segments asked for)
+        assert summary["peak_reserved_mb"] >= summary["peak_mem_mb"] and "cuda_allocator_conf" in summary
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -309,6 +310,39 @@ def test_plan_does_not_import_torch(tmp_path, tiny_model_dir, dates_file):
 def test_parse_bytes():
     assert parse_bytes("24GB") == 24 * 10**9 and parse_bytes("11.5GiB") == int(11.5 * 2**30)
     assert parse_bytes(1234) == 1234 and parse_bytes("800 mib") == 800 * 2**20
+
+
+def test_qtrain_run_asks_for_expandable_segments_unless_the_allocator_is_configured(monkeypatch, tmp_path,
+                                                                                    tiny_model_dir, dates_file):
+    """`qtrain run` sets torch's allocator variable (its torch ≥ 2.9 name) when the user set none, leaves a
+    user's setting alone (either name), and does nothing off Linux; torch reads the variable even when set after
+    `import torch`, before the first allocation (checked where torch can report its allocator settings)."""
+    from qtrain.gpus import EXPANDABLE_SEGMENTS, prefer_expandable_segments
+
+    env: dict[str, str] = {}
+    assert prefer_expandable_segments(env) == "PYTORCH_ALLOC_CONF"
+    assert env == {"PYTORCH_ALLOC_CONF": EXPANDABLE_SEGMENTS}
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        env = {name: "max_split_size_mb:512"}
+        assert prefer_expandable_segments(env) is None and env == {name: "max_split_size_mb:512"}
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert prefer_expandable_segments(env := {}) is None and env == {}
+    monkeypatch.undo()
+
+    if hasattr(torch._C, "_accelerator_getAllocatorSettings"):
+        probe = ("import torch; from qtrain.gpus import prefer_expandable_segments; prefer_expandable_segments(); "
+                 "print(torch._C._accelerator_getAllocatorSettings())")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTORCH_")}
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.strip() == EXPANDABLE_SEGMENTS
+    import qtrain.run
+
+    order = []
+    monkeypatch.setattr(qtrain.run, "prefer_expandable_segments", lambda: order.append("allocator") or 1 / 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: order.append("cuda") or False)
+    with pytest.raises(ZeroDivisionError):
+        qtrain.run.run(_cfg(tmp_path, tiny_model_dir, dates_file))
+    assert order == ["allocator"]  # before anything asks CUDA
 
 
 def test_auto_micro_batch_keeps_the_effective_batch(tmp_path, tiny_model_dir, dates_file, capsys):
