@@ -40,7 +40,7 @@ class ModelSection(Section):
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     embeddings_on_host: bool | Literal["auto"] = "auto"
-    """Keep the frozen input embedding table in (pinned) host memory; only the looked-up rows go to the GPU.
+    """Keep the frozen input embedding table in host memory; only the looked-up rows go to the GPU.
     `auto`: on for `qtrain run` on a GPU when the table is large or the run would not fit otherwise, untied
     models only; off on CPU (the table is in host memory already) and in `qtrain generate`/`eval`/`export`."""
 

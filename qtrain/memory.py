@@ -306,6 +306,25 @@ def norm_chunk_bytes(s: Setup, n_tok: int) -> int:
     return 7 * 4 * min(FUSED_CHUNK_ELEMENTS, n_tok * s.arch.hidden) if s.fused else 0
 
 
+PINNED_PIECE = 1 << 20  # bytes: what an offloaded input's pinned pieces may waste at most (`pinned_pieces`)
+
+
+def pinned_bytes(n: int) -> int:
+    """Host bytes torch's pinned-memory allocator takes for an n-byte tensor: it rounds each block up to a power
+    of two (its free lists are indexed by them; CachingHostAllocator), and keeps freed blocks for reuse. One
+    768 MiB tensor (98,304 tokens of an 8B layer input) takes 1 GiB."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def pinned_pieces(n: int, piece: int = PINNED_PIECE) -> list[int]:
+    """Power-of-two block sizes, largest first, that hold n bytes with less than `piece` to spare: n's set bits
+    from the largest down to `piece`, then the rest's power of two. How `qtrain.offload` holds an input in
+    pinned memory: 768 MiB as 512 + 256 MiB pieces, where one block would take 1 GiB."""
+    sizes = [1 << b for b in range(n.bit_length() - 1, -1, -1) if n >> b & 1 and 1 << b >= piece]
+    rest = n - sum(sizes)
+    return sizes + [pinned_bytes(rest)] if rest else sizes
+
+
 def estimate(s: Setup) -> Estimate:
     a, e = s.arch, s.compute_bytes
     dense = set().union(*(b.full_precision_linears(a) for b in s.blocks))
@@ -333,6 +352,8 @@ def estimate(s: Setup) -> Estimate:
                 mlp_dense[layer_name] = mlp_dense.get(layer_name, 0) + i * o * e
     embed = a.vocab * a.hidden * e
     on_host = embed if s.host_embeddings and not a.tie_embeddings else 0  # HostEmbedding: the table stays in RAM
+    # and, on a GPU, gathers the batch's rows into a pinned buffer
+    host_rows = pinned_bytes(s.micro_batch * s.tokens * a.hidden * e) if on_host and s.device == "cuda" else 0
     other = full + embed * (1 if a.tie_embeddings else 2) - on_host + (2 * a.layers + 1) * a.hidden * e
     if a.attention_bias:
         other += a.layers * (a.heads + 2 * a.kv_heads) * a.head_dim * e
@@ -381,7 +402,8 @@ def estimate(s: Setup) -> Estimate:
     layer = max(kept)
     if s.fused and s.checkpointing:  # the recomputed layer's first norm keeps the layer input the checkpoint holds
         layer -= n_tok * a.hidden * e
-    offloaded = a.layers * layer_ckpt if s.checkpointing and s.offload else 0
+    offloaded = a.layers * (sum(pinned_pieces(layer_ckpt)) if s.device == "cuda" else layer_ckpt) \
+        if s.checkpointing and s.offload else 0
     # offloaded: on the device only the input being recomputed and the next one, prefetched
     ckpt_inputs = min(2, a.layers) * layer_ckpt if offloaded else a.layers * layer_ckpt
     recompute = layer if s.checkpointing else 0  # the one layer re-run during its backward
@@ -439,9 +461,9 @@ def estimate(s: Setup) -> Estimate:
         "optimizer_step": int(opt_scratch), "attention_mask": int(mask), "pageable_optimizer_states": paged,
         "trainable_parameter_count": sum(sizes), "gradient_bytes": int(trainable),
         "gathered_weights": int(gathered), "tensor_bytes": 0,
-        # host memory the run adds (pinned on a GPU): offloaded layer inputs and the input embedding table
-        "host_offloaded_activations": int(offloaded), "host_embeddings": int(on_host),
-        "host_bytes": int(offloaded + on_host),
+        # host memory the run adds: offloaded layer inputs (pinned on a GPU) and the input embedding table
+        "host_offloaded_activations": int(offloaded), "host_embeddings": int(on_host + host_rows),
+        "host_bytes": int(offloaded + on_host + host_rows),
     }
     comp = {k: int(v) for k, v in comp.items()}
     details["tensor_bytes"] = sum(comp.values()) - overhead

@@ -7,13 +7,15 @@ host memory during forward and brings it back one block ahead of need during bac
 
 - forward: the copy runs on a side stream into pinned host memory (`non_blocking`), after the compute stream has
   produced the tensor (`wait_stream`); `record_stream` keeps the allocator from handing the device memory to
-  anyone else before the copy has read it, so the compute stream never waits.
+  anyone else before the copy has read it, so the compute stream never waits. The host memory is a few
+  power-of-two pieces per input (torch's pinned allocator would round one block up to a power of two).
 - backward: when block i's recompute asks for its input, the copy back of block i-1's input is started on the
   side stream, so it overlaps block i's recompute and backward; block i itself waits only for its own copy
   (`wait_stream`), which was started one block earlier. The fetched tensor is `record_stream`-ed on the compute
   stream, which is where it is used and freed.
-On a CPU the "host" is the same memory: the tensor is copied and the copy given back, plain code without streams
-(the tests check the mechanism and that the gradients are bit-identical: the same bytes come back).
+On a CPU the "host" is the same memory: the tensor is copied out to the pieces and back, the same code without
+streams or pinning (the tests check the mechanism and that the gradients are bit-identical: the same bytes come
+back).
 
 Why saved-tensor hooks around `torch.utils.checkpoint` rather than a checkpoint wrapper of our own: the
 non-reentrant checkpoint already saves its inputs as autograd saved tensors (`_CheckpointFrame.save_inputs`,
@@ -26,14 +28,15 @@ A wrapper that moved its own input would have to re-implement the frame bookkeep
 
 **Input embeddings on the host** (`model.embeddings_on_host`). The frozen embedding table is only ever read a
 few rows at a time, yet takes vocab × hidden × 2 bytes of the card (1 GiB on Llama-3-8B). `HostEmbedding` keeps
-it in (pinned) host memory: the ids come to the host, the rows are gathered there into a pinned buffer and sent
-to the device with an asynchronous copy. A gather is exact, so the numbers are those of the device table. The
-table is frozen (no gradient needed); a tied table is also the output head, which must multiply on the device,
-so tied models keep it there (`put_embeddings_on_host` refuses them).
+it in host memory: the ids stay on the host (`qtrain.train.host_inputs`), the rows are gathered there into a
+pinned buffer and sent to the device with an asynchronous copy. A gather is exact, so the numbers are those of
+the device table. The table is frozen (no gradient needed); a tied table is also the output head, which must
+multiply on the device, so tied models keep it there (`put_embeddings_on_host` refuses them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from contextlib import contextmanager
 from typing import Iterator
@@ -43,17 +46,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtrain.errors import QTrainError
+from qtrain.memory import PINNED_PIECE, pinned_pieces
 
 
 class _Held:
-    """One block input in host memory; `device` is its copy back while it is on the device."""
+    """One block input in host memory, as byte pieces (`pieces`); `device` is its copy back while it is on the
+    device."""
 
-    __slots__ = ("host", "home", "device", "prev", "__weakref__")
+    __slots__ = ("pieces", "nbytes", "shape", "dtype", "home", "device", "prev", "__weakref__")
 
-    def __init__(self, host: torch.Tensor, home: torch.device, prev: "weakref.ref[_Held] | None"):
-        self.host, self.home = host, home  # home: the device the block input came from
+    def __init__(self, pieces: list[torch.Tensor], t: torch.Tensor, prev: "weakref.ref[_Held] | None"):
+        self.pieces, self.nbytes, self.shape, self.dtype = pieces, t.nbytes, t.shape, t.dtype
+        self.home = t.device  # the device the block input came from
         self.device: torch.Tensor | None = None
         self.prev = prev  # the block input saved just before this one: backward needs it next
+
+
+def _spans(held_bytes: int, pieces: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, int, int]]:
+    """(piece, start, length): where each piece's bytes lie in the tensor (the last piece may be longer)."""
+    start = 0
+    for piece in pieces:
+        n = min(piece.numel(), held_bytes - start)
+        yield piece, start, n
+        start += n
 
 
 class ActivationOffload:
@@ -61,9 +76,15 @@ class ActivationOffload:
 
     One instance per model, shared by its blocks. `stats` counts what happened, for tests and logs: inputs
     offloaded, copies back started one block ahead (`prefetched`) or only when needed (`late`: the first block
-    backward reaches, and any input whose predecessor was gone), and the host bytes held at most."""
+    backward reaches, and any input whose predecessor was gone), and the host bytes held at most.
 
-    def __init__(self) -> None:
+    Host memory: torch's pinned allocator rounds each block up to a power of two, so one 768 MiB input would
+    take 1 GiB. Each input is held instead in power-of-two pieces (`qtrain.memory.pinned_pieces`: 512 + 256 MiB)
+    that waste less than `piece` bytes, copied out and back with one copy per piece. On a CPU the pieces are
+    plain memory of their exact length (the same code, tested there)."""
+
+    def __init__(self, piece: int = PINNED_PIECE) -> None:
+        self.piece = piece
         self._stream: torch.cuda.Stream | None = None
         self._last: weakref.ref[_Held] | None = None
         self._host_bytes = 0
@@ -84,19 +105,25 @@ class ActivationOffload:
         return self._stream
 
     def _offload(self, t: torch.Tensor) -> _Held:
-        if t.device.type == "cuda":
-            side, compute = self._side(t.device), torch.cuda.current_stream(t.device)
-            side.wait_stream(compute)  # the block input is complete before the copy reads it
-            with torch.cuda.stream(side):
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                host.copy_(t, non_blocking=True)
-            t.record_stream(side)  # its memory is not reused until the side stream has read it
-        else:  # on a CPU the host is the device: a copy, so what backward gets is the offloaded tensor
-            host = t.detach().clone()
-        held = _Held(host, t.device, self._last)
+        cuda = t.device.type == "cuda"
+        flat = t.detach().contiguous().view(-1).view(torch.uint8)  # the input's bytes (a view: it is contiguous)
+        sizes = pinned_pieces(flat.numel(), self.piece)
+        if sizes and not cuda:
+            sizes[-1] = flat.numel() - sum(sizes[:-1])  # plain memory: the last piece of its exact length
+        side = self._side(t.device) if cuda else None
+        if cuda:
+            side.wait_stream(torch.cuda.current_stream(t.device))  # the input is complete before it is read
+        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            pieces = [torch.empty(size, dtype=torch.uint8, pin_memory=cuda) for size in sizes]
+            for piece, start, n in _spans(flat.numel(), pieces):
+                piece[:n].copy_(flat[start:start + n], non_blocking=cuda)
+        if cuda:
+            flat.record_stream(side)  # its memory is not reused until the side stream has read it
+        held = _Held(pieces, t, self._last)
         self._last = weakref.ref(held)
-        weakref.finalize(held, self._freed, host.nbytes)
-        self._host_bytes += host.nbytes
+        host = sum(p.numel() for p in pieces)
+        weakref.finalize(held, self._freed, host)
+        self._host_bytes += host
         self.stats["offloaded"] += 1
         self.stats["host_bytes_peak"] = max(self.stats["host_bytes_peak"], self._host_bytes)
         return held
@@ -106,11 +133,12 @@ class ActivationOffload:
 
     def _fetch(self, held: _Held, device: torch.device) -> None:
         """Start the copy back of `held` (on CUDA on the side stream, behind its own copy out)."""
-        if device.type == "cuda":
-            with torch.cuda.stream(self._side(device)):
-                held.device = held.host.to(device, non_blocking=True)
-        else:
-            held.device = held.host
+        cuda = device.type == "cuda"
+        with torch.cuda.stream(self._side(device)) if cuda else contextlib.nullcontext():
+            out = torch.empty(held.nbytes, dtype=torch.uint8, device=device)
+            for piece, start, n in _spans(held.nbytes, held.pieces):
+                out[start:start + n].copy_(piece[:n], non_blocking=cuda)
+        held.device = out.view(held.dtype).view(held.shape)
 
     def _unpack(self, held):
         if not isinstance(held, _Held):
@@ -142,11 +170,10 @@ class HostEmbedding(nn.Module):
 
     def __init__(self, embedding: nn.Embedding, device: torch.device):
         super().__init__()
-        weight = embedding.weight.detach()
-        host = weight.to("cpu")
-        if device.type == "cuda":
-            host = host.pin_memory()  # one table, pinned once: the gathered rows come from page-locked memory
-        self.weight = nn.Parameter(host, requires_grad=False)
+        # ordinary host memory: only the CPU reads the table (the gather); the rows it gathers go to a pinned
+        # buffer for the copy. Pinned, the table would take a power of two of page-locked memory (torch's pinned
+        # allocator rounds up: 2 GiB for Llama-3-8B's 0.98 GiB table) for nothing.
+        self.weight = nn.Parameter(embedding.weight.detach().to("cpu"), requires_grad=False)
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
         self.device = device

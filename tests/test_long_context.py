@@ -16,6 +16,7 @@ from qtrain.data import collate, prepare
 from qtrain.methods import build_methods
 from qtrain.methods.blocks import LoRABlock
 from qtrain.modeling import enable_checkpointing, load_model
+from qtrain.memory import pinned_pieces
 from qtrain.offload import ActivationOffload
 from qtrain.train import accumulate_gradients
 from conftest import make_llama_folder
@@ -54,16 +55,19 @@ def _step(model, params, batch, seed=1):
     return loss, {n: p.grad.clone() for n, p in params.items()}
 
 
-def test_offloaded_checkpoints_give_bit_identical_loss_and_gradients(three_layer_dir, dates_file):
+@pytest.mark.parametrize("piece", [None, 64])
+def test_offloaded_checkpoints_give_bit_identical_loss_and_gradients(three_layer_dir, dates_file, piece):
     """Checkpointing with each block's input offloaded equals checkpointing without, bit for bit (the same
-    bytes come back); every block's input went out once, came back once, all but the first one backward
-    reaches prefetched one block ahead."""
+    bytes come back, in one piece or, with 64-byte pieces, in many); every block's input went out once, came
+    back once, all but the first one backward reaches prefetched one block ahead."""
     loaded, params = _lora_model(three_layer_dir)
     batch = _batch(loaded, dates_file)
     model = loaded.model
     enable_checkpointing(model)
     ref_loss, ref = _step(model, params, batch)
-    offload = ActivationOffload()
+    offload = ActivationOffload() if piece is None else ActivationOffload(piece=piece)
+    original, pieces = offload._offload, []
+    offload._offload = lambda t: (lambda h: (pieces.append(len(h.pieces)), h)[1])(original(t))
     enable_checkpointing(model, offload=offload)
     for _ in range(2):  # twice: the second step starts from a clean chain (the first one's inputs are freed)
         loss, got = _step(model, params, batch)
@@ -76,6 +80,8 @@ def test_offloaded_checkpoints_give_bit_identical_loss_and_gradients(three_layer
     # exactly the blocks' hidden-state inputs (float32 here), all of one step's held at once, nothing else
     assert offload.stats["host_bytes_peak"] == LAYERS * tokens * model.config.hidden_size * 4
     assert offload._host_bytes == 0  # freed with the graph
+    assert set(pieces) == ({1} if piece is None else {len(pinned_pieces(tokens * model.config.hidden_size * 4, 64))})
+    assert piece is None or min(pieces) > 1  # several pieces, reassembled
 
 
 def test_offload_moves_the_block_input_and_gives_back_its_copy(three_layer_dir, dates_file):
@@ -87,7 +93,7 @@ def test_offload_moves_the_block_input_and_gives_back_its_copy(three_layer_dir, 
     _, ref = _step(loaded.model, params, batch)
     offload = ActivationOffload()
     original = offload._offload
-    offload._offload = lambda t: (lambda h: (h.host.mul_(1.5), h)[1])(original(t))
+    offload._offload = lambda t: (lambda h: (h.pieces[0].view(torch.float32).mul_(1.5), h)[1])(original(t))
     enable_checkpointing(loaded.model, offload=offload)
     _, got = _step(loaded.model, params, batch)
     assert offload.stats["offloaded"] == LAYERS
@@ -267,6 +273,27 @@ def test_planner_offload_moves_the_checkpointed_inputs_to_the_host(tmp_path, dat
     assert estimate(no_ckpt).details["host_bytes"] == 0  # nothing to offload without checkpointing
 
 
+def test_planner_counts_pinned_host_memory_as_torch_allocates_it(tmp_path, dates_file):
+    """torch's pinned allocator rounds each block up to a power of two, so offload holds each input in
+    power-of-two pieces that waste less than a MiB (768 MiB: 512 + 256), and the planner counts those; the
+    embedding rows' buffer is one block (100,000 tokens of rows, 781.25 MiB, take 1 GiB); the table itself is
+    plain memory, and a CPU run pins nothing (the host is the device)."""
+    from qtrain.memory import PINNED_PIECE, estimate, pinned_bytes, pinned_pieces
+
+    assert [pinned_bytes(n) for n in (0, 1, 4096, 4097, 2**30)] == [0, 1, 4096, 8192, 2**30]
+    assert pinned_pieces(768 * 2**20) == [512 * 2**20, 256 * 2**20] and pinned_pieces(5000, 4096) == [4096, 1024]
+    for n in (1, 3000, 819_200_000, 2**30 + 5):
+        assert n <= sum(pinned_pieces(n)) < n + PINNED_PIECE
+        assert all(p & (p - 1) == 0 for p in pinned_pieces(n))
+    tokens, layers, inputs = 100_000, 32, 100_000 * 4096 * 2
+    est = estimate(_setup(tmp_path, dates_file, tokens, offload=True, host_embeddings=True))
+    assert est.details["host_offloaded_activations"] == layers * sum(pinned_pieces(inputs)) == layers * inputs
+    assert est.details["host_embeddings"] == 128256 * 4096 * 2 + GiB
+    cpu = estimate(_setup(tmp_path, dates_file, tokens, offload=True, host_embeddings=True, device="cpu"))
+    assert cpu.details["host_offloaded_activations"] == layers * inputs
+    assert cpu.details["host_embeddings"] == 128256 * 4096 * 2
+
+
 def test_planner_tiled_mlp_shrinks_the_layer_working_set(tmp_path, dates_file):
     """The recomputed layer keeps its MLP input instead of the MLP's insides, and those exist for one chunk:
     by hand, per token the MLP saves gate and up (fused ops, on for a GPU: silu(gate) is rebuilt), the down
@@ -297,9 +324,9 @@ def test_planner_host_embeddings_move_the_table(tmp_path, dates_file):
     from qtrain.memory import estimate
 
     plain, host = (estimate(_setup(tmp_path, dates_file, 2048, host_embeddings=o)) for o in (False, True))
-    table = 128256 * 4096 * 2
+    table, rows = 128256 * 4096 * 2, 2048 * 4096 * 2  # the table in plain memory, the rows' pinned buffer
     assert plain.components["other_weights"] - host.components["other_weights"] == table
-    assert host.details["host_embeddings"] == host.details["host_bytes"] == table
+    assert host.details["host_embeddings"] == host.details["host_bytes"] == table + rows
     tied = _setup(tmp_path, dates_file, 2048, host_embeddings=True)
     tied = replace(tied, arch=replace(tied.arch, tie_embeddings=True))
     assert estimate(tied).details["host_bytes"] == 0  # a tied table is the head: it stays on the device
@@ -377,6 +404,7 @@ def test_auto_takes_smaller_mlp_chunks_where_offload_is_not_enough(tmp_path, dat
 
 def test_qtrain_plan_reports_host_memory_and_the_longest_sequences(tmp_path, dates_file, capsys):
     from qtrain.cli import main
+    from qtrain.memory import pinned_bytes
 
     (tmp_path / "config.json").write_text(json.dumps(L3_8B))
     cfg = _plan_cfg(tmp_path, dates_file, 98304)
@@ -386,12 +414,13 @@ def test_qtrain_plan_reports_host_memory_and_the_longest_sequences(tmp_path, dat
     d = json.loads(capsys.readouterr().out)
     assert d["memory_savers"] == {"embeddings_on_host": True, "mlp_chunk_tokens": 4096, "activation_offload": True,
                                   "fused_ops": True}
-    assert d["host_bytes"] == 128256 * 4096 * 2 + 32 * 98304 * 4096 * 2 and d["fits"]
+    inputs = 98304 * 4096 * 2  # 768 MiB each, in pieces; the rows' buffer, one pinned block, takes 1 GiB
+    assert d["host_bytes"] == 128256 * 4096 * 2 + pinned_bytes(inputs) + 32 * inputs and d["fits"]
     assert d["max_seq_len_with_savers"] > 2 * d["max_seq_len_without_savers"]
     assert d["max_seq_len_without_savers"] < 98304 <= d["max_seq_len"] == d["max_seq_len_with_savers"]
     assert main(["plan", str(path), "--budget", "23.5GiB"]) == 0
     out = capsys.readouterr().out
-    assert "host memory the run adds: 24.98 GiB" in out and "checkpointed layer inputs offloaded (24.00 GiB)" in out
+    assert "host memory the run adds: 25.98 GiB" in out and "checkpointed layer inputs offloaded (24.00 GiB)" in out
     assert f"{d['max_seq_len_without_savers']} tokens without the memory savers" in out
 
 
