@@ -108,7 +108,8 @@ def prefer_expandable_segments(environ: MutableMapping[str, str] = os.environ) -
 
 
 def allocator_settings() -> str | None:
-    """The allocator settings torch runs with (torch >= 2.12 reports them), else the variable in the environment."""
+    """The allocator settings torch runs with, where torch reports them (2.13 does, 2.11 does not), else the
+    variable in the environment."""
     import torch
 
     get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
