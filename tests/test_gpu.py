@@ -203,12 +203,9 @@ def test_the_host_memory_savers_give_bit_identical_gradients(tmp_path, savers):
     the embedding table on the host (rows gathered there, sent asynchronously) give the loss and gradients of
     plain checkpointing bit for bit, in bf16 with eager attention (every kernel deterministic), twice over:
     a copy that raced its stream would change some byte. On a CPU offload is a copy (tests/test_long_context)."""
-    from accelerate import Accelerator
-
     from conftest import make_llama_folder
     from qtrain.modeling import enable_checkpointing
     from qtrain.offload import ActivationOffload, HostEmbedding, put_embeddings_on_host
-    from qtrain.train import accumulate_gradients
 
     layers = 6
     loaded, params = tiny_lora(make_llama_folder(tmp_path / "m", tie=False, layers=layers), compute="bfloat16",
@@ -216,16 +213,9 @@ def test_the_host_memory_savers_give_bit_identical_gradients(tmp_path, savers):
     model = loaded.model.train()
     torch.manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (3, 200))  # block inputs of 76,800 bytes: 4 pieces below
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-    def step():
-        for p in params.values():
-            p.grad = None
-        loss, _ = accumulate_gradients(model, [batch], Accelerator(cpu=DEVICE.type == "cpu"), 128)
-        return loss, {k: p.grad.clone() for k, p in params.items()}
-
+    micro = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
     enable_checkpointing(model)
-    ref_loss, ref = step()
+    ref_loss, _, ref = step_grads(model, params, micro)
     offload = ActivationOffload(piece=1024)  # many copies in flight per input
     if savers != "host-embeddings":
         enable_checkpointing(model, offload=offload)
@@ -235,7 +225,7 @@ def test_the_host_memory_savers_give_bit_identical_gradients(tmp_path, savers):
         assert isinstance(table, HostEmbedding) and table.weight.device.type == "cpu"
         assert not table.weight.is_pinned()  # only the CPU reads it: pinned, it would take a power of two
     for _ in range(2):
-        loss, got = step()
+        loss, _, got = step_grads(model, params, micro)
         assert loss == ref_loss
         for k in ref:
             assert torch.equal(got[k], ref[k]), k
