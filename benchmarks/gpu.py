@@ -20,6 +20,11 @@ ratio to each baseline. Anything that fails or is missing is reported, not hidde
 for steps 4 and 5 and says where a step's time went: host time, kernels and the device's busy time, launches,
 host waits, the kernels and host operators by time, and the longest stretches the device sat idle with the host
 call running at each one's start (DIR/gpu.json; the traces in DIR/profiles/, for chrome://tracing or Perfetto).
+
+`qtrain-cudagraphs` (last, while time is left) is an experiment, not a setting qtrain has: the compiled blocks
+with inductor's CUDA graphs, to measure whether they pay at the host-bound points, how many graphs inductor
+would not record (`cudagraph_skips`; why: the run's log), and whether it trains the same (`loss_gap_vs_qtrain`,
+which every qtrain variant gets: the largest difference of its losses from qtrain's, same seed and data).
 """
 
 from __future__ import annotations
@@ -53,17 +58,22 @@ SHAPES = {  # name: LlamaConfig arguments (vocab comes from the tokenizer for "t
 # "qtrain" is the default: on a GPU `training.compile: auto` compiles the decoder blocks. "qtrain-eager": compile
 # off, fused ops on (Triton kernels), the default before compiled blocks; "qtrain-unfused": neither (transformers'
 # RMSNorm and silu·up). They show what each buys where the fixed cost per step shows.
+# "qtrain-cudagraphs": an experiment, not a product setting: the compiled blocks with inductor's CUDA graphs
+# (TORCHINDUCTOR_CUDAGRAPHS=1 in the child's environment), to learn whether replaying recorded graphs removes
+# the host time a short step waits on, and whether it trains the same (its losses against qtrain's).
 GRID = [
     ("135M 4x512", "smol", 4, 512, True, ("qtrain", "peft+prepare", "peft", "qtrain-eager", "qtrain-unfused",
-                                          "qtrain-profile")),
+                                          "qtrain-profile", "qtrain-cudagraphs")),
     ("135M 4x512 no-ckpt", "smol", 4, 512, False, ("qtrain",)),
-    ("8B 1x2048", "l3-8b", 1, 2048, True, ("qtrain", "peft+prepare", "peft", "qtrain-eager", "qtrain-profile")),
+    ("8B 1x2048", "l3-8b", 1, 2048, True, ("qtrain", "peft+prepare", "peft", "qtrain-eager", "qtrain-profile",
+                                           "qtrain-cudagraphs")),
     ("8B 1x2048 no-ckpt", "l3-8b", 1, 2048, False, ("qtrain",)),
     ("8B 4x2048", "l3-8b", 4, 2048, True, ("qtrain", "peft+prepare", "peft")),
 ]
 PRIMARY = ("qtrain", "peft+prepare", "peft")  # run first at every point; the rest after, while time is left
+EXPERIMENTS = {"qtrain-cudagraphs": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}}  # run last; their children's environment
 SMOKE_GRID = [("tiny 2x64", "tiny", 2, 64, True, ("qtrain", "peft+prepare", "peft", "qtrain-eager", "qtrain-unfused",
-                                                  "qtrain-profile")),
+                                                  "qtrain-profile", "qtrain-cudagraphs")),
               ("tiny 2x64 no-ckpt", "tiny", 2, 64, False, ("qtrain",))]
 RANK = 16
 
@@ -249,7 +259,17 @@ def child_qtrain(config: str, profile_dir: str | None = None) -> None:
                       "compile": summary.get("compile"), "first_step_s": elapsed[0] if elapsed else None,
                       "compiled_block_calls": summary.get("compiled_block_calls"),
                       "graph_breaks": summary.get("graph_breaks"), "allocator": summary.get("cuda_allocator_conf"),
-                      **peaks(torch), **({"profile": found["summary"]} if "summary" in found else {})}))
+                      **peaks(torch), **({"profile": found["summary"]} if "summary" in found else {}),
+                      **({"cudagraph_skips": skips} if (skips := cudagraph_skips()) is not None else {})}))
+
+
+def cudagraph_skips() -> int | None:
+    """Compiled graphs inductor ran without CUDA graphs though asked to (why: the child's log, "skipping
+    cudagraphs due to ..."); None where they were not asked for."""
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"] if torch._inductor.config.triton.cudagraphs else None
 
 
 # ---------------------------------------------------------------------------------------------------- profile
@@ -422,13 +442,14 @@ output: {{dir: {out}}}
 """
 
 
-def child(args: list[str], timeout: float, log: Path) -> dict:
-    """Run this file as a child process; its last JSON line, or what went wrong."""
+def child(args: list[str], timeout: float, log: Path, env: dict | None = None) -> dict:
+    """Run this file as a child process (with `env` added to its environment); its last JSON line, or what went
+    wrong."""
     t0 = time.perf_counter()
     try:
         p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-                                "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+                                "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})})
     except subprocess.TimeoutExpired as e:
         log.write_text(str(e.stdout or "") + str(e.stderr or ""))
         return {"error": f"timed out after {timeout:.0f} s", "log": str(log)}
@@ -492,11 +513,7 @@ def run(args) -> int:
         print(f"checkpoint {shape}: {s:.0f} s", flush=True)
     points = [{"point": label, "shape": shape, "micro_batch": batch, "seq": seq, "checkpointing": ckpt,
                "runs": {system: None for system in systems}} for label, shape, batch, seq, ckpt, systems in grid]
-    # the comparisons the issue asks for first, every point's; then the profiles; then qtrain's variants: a short
-    # --deadline (a lent GPU's few minutes) drops what matters least
-    order = sorted(((p, system) for p in points for system in p["runs"]),
-                   key=lambda ps: 0 if ps[1] in PRIMARY else 1 if ps[1] == "qtrain-profile" else 2)
-    for point, system in order:
+    for point, system in run_order(points):
         label, shape, batch, seq, ckpt = (point[k] for k in ("point", "shape", "micro_batch", "seq", "checkpointing"))
         steps = 6 if shape == "l3-8b" else 8
         left = args.deadline - (time.perf_counter() - start)
@@ -511,10 +528,11 @@ def run(args) -> int:
                                          rank=RANK, alpha=2 * RANK, data=data, seq=seq, batch=batch,
                                          steps=steps, ckpt=str(ckpt).lower(), out=work / "runs" / name,
                                          fused="false" if system == "qtrain-unfused" else "auto",
-                                         compile="auto" if system in ("qtrain", "qtrain-profile") else "false"))
+                                         compile="auto" if system in ("qtrain", "qtrain-profile", *EXPERIMENTS)
+                                         else "false"))
             shutil.rmtree(work / "runs" / name, ignore_errors=True)
             profile = [str(out / "profiles" / name)] if system == "qtrain-profile" else []
-            r = child(["child-qtrain", str(cfg), *profile], min(left, args.timeout), log)
+            r = child(["child-qtrain", str(cfg), *profile], min(left, args.timeout), log, EXPERIMENTS.get(system))
             r["planned_allocated_mib"] = planned_allocated_mib(cfg)
         else:
             r = child(["child-peft", str(work / shape), str(data), str(steps), str(batch), str(seq),
@@ -522,10 +540,7 @@ def run(args) -> int:
         point["runs"][system] = summarise(r, batch * seq, matmul_params(shape, vocab), result["matmul_tflops"])
         print(f"  {label:20s} {system:13s} {line(point['runs'][system])}", flush=True)
     for point in points:
-        q = point["runs"].get("qtrain", {})
-        for system, b in point["runs"].items():
-            if system not in ("qtrain", "qtrain-profile") and "s_per_step" in q and "s_per_step" in b:
-                point[f"speed_vs_{system}"] = round(b["s_per_step"] / q["s_per_step"], 2)
+        compare_to_qtrain(point)
         result["points"].append(point)
     result["seconds"] = round(time.perf_counter() - start)
     (out / "gpu.json").write_text(json.dumps(result, indent=1))
@@ -533,6 +548,29 @@ def run(args) -> int:
     print(profile_table(result))
     print(f"{result['seconds']} s; written to {out / 'gpu.json'}")
     return 0
+
+
+def run_order(points: list[dict]) -> list[tuple[dict, str]]:
+    """(point, system) in the order they run: the comparisons the issue asks for first, every point's; then the
+    profiles; then qtrain's variants; then the experiments. A short --deadline (a lent GPU's few minutes) drops
+    what matters least."""
+    def rank(system: str) -> int:
+        return 0 if system in PRIMARY else 1 if system == "qtrain-profile" else 3 if system in EXPERIMENTS else 2
+    return sorted(((p, system) for p in points for system in p["runs"]), key=lambda ps: rank(ps[1]))
+
+
+def compare_to_qtrain(point: dict) -> None:
+    """Beside each run of `point`: qtrain's speed-up over it (`speed_vs_SYSTEM` on the point) and, for qtrain's
+    variants, the largest difference of their losses from qtrain's (`loss_gap_vs_qtrain`: same seed, data and
+    steps, so a variant that trains differently shows)."""
+    q = point["runs"].get("qtrain") or {}
+    for system, b in point["runs"].items():
+        if not b:
+            continue
+        if system not in ("qtrain", "qtrain-profile") and "s_per_step" in q and "s_per_step" in b:
+            point[f"speed_vs_{system}"] = round(b["s_per_step"] / q["s_per_step"], 2)
+        if system.startswith("qtrain-") and q.get("losses") and b.get("losses"):
+            b["loss_gap_vs_qtrain"] = round(max(abs(x - y) for x, y in zip(q["losses"], b["losses"])), 4)
 
 
 def summarise(r: dict, tokens: int, n_matmul: int, tflops: float) -> dict:
@@ -545,7 +583,8 @@ def summarise(r: dict, tokens: int, n_matmul: int, tflops: float) -> dict:
     if "fused_ops" in r:
         out["fused_ops"] = r["fused_ops"]  # the backend the fused ops ran on ("triton", "torch"), or None: off
     # compiled blocks (and whether they ran compiled, whole); the first step (compiling them); a trace
-    for k in ("compile", "compiled_block_calls", "graph_breaks", "first_step_s", "allocator", "profile"):
+    for k in ("compile", "compiled_block_calls", "graph_breaks", "first_step_s", "allocator", "profile",
+              "cudagraph_skips"):
         if k in r:
             out[k] = r[k]
     for k in ("peak_allocated_mib", "peak_reserved_mib", "peak_rss_mib", "planned_allocated_mib"):
@@ -565,8 +604,9 @@ def line(r: dict) -> str:
     uncompiled = (r.get("compile") and (r.get("compiled_block_calls") == 0 or r.get("graph_breaks"))
                   and f"  NOT COMPILED AS MEANT ({r['compiled_block_calls']} compiled calls, "
                       f"{r['graph_breaks']} graph breaks)")
+    skips = f"  {r['cudagraph_skips']} graphs without CUDA graphs" if r.get("cudagraph_skips") else ""
     return (f"{r['s_per_step']:.3f} s/step {r['tokens_per_s']:>8} tok/s  peak {mem:,.0f} MiB  MFU {r['mfu']:.1%}"
-            f"{plan}{first}{uncompiled or ''}")
+            f"{plan}{first}{uncompiled or ''}{skips}")
 
 
 def table(result: dict) -> str:
@@ -580,7 +620,8 @@ def table(result: dict) -> str:
                 continue
             plan = f"{r['planned_allocated_mib']:,.0f} ({r['planner_error']:+.1%})" if "planner_error" in r else ""
             ratio = p.get(f"speed_vs_{system}", "")
-            rows.append(f"| {p['point']} | {system} | {r['s_per_step']:.3f} | {r['tokens_per_s']:,} | "
+            gap = f" (losses within {r['loss_gap_vs_qtrain']} of qtrain's)" if "loss_gap_vs_qtrain" in r else ""
+            rows.append(f"| {p['point']} | {system}{gap} | {r['s_per_step']:.3f} | {r['tokens_per_s']:,} | "
                         f"{r.get('peak_allocated_mib', r.get('peak_rss_mib', 0)):,.0f} | "
                         f"{r.get('peak_reserved_mib', 0):,.0f} | {plan} | {r['mfu']:.1%} | "
                         f"{f'{ratio}x' if ratio else ''} |")

@@ -45,6 +45,31 @@ def test_summary_takes_the_median_after_warm_up_and_the_usual_utilisation():
         assert ("NOT COMPILED AS MEANT" in line) == flagged
 
 
+def test_the_grid_runs_the_comparisons_first_and_the_experiments_last():
+    gpu = load()
+    point = {"runs": dict.fromkeys(("qtrain-cudagraphs", "qtrain-eager", "qtrain-profile", "peft", "qtrain"))}
+    other = {"runs": dict.fromkeys(("qtrain-unfused", "peft+prepare"))}
+    order = [system for _, system in gpu.run_order([point, other])]
+    assert order == ["peft", "qtrain", "peft+prepare", "qtrain-profile", "qtrain-eager", "qtrain-unfused",
+                     "qtrain-cudagraphs"]
+    assert set(gpu.EXPERIMENTS) <= {s for g in gpu.GRID for s in g[5]}
+    assert set(gpu.EXPERIMENTS) <= set(gpu.SMOKE_GRID[0][5])
+
+
+def test_each_variant_is_compared_with_qtrain_in_speed_and_in_its_losses():
+    gpu = load()
+    def run(s_per_step, losses):
+        return gpu.summarise({"step_times": [s_per_step] * 3, "losses": losses}, 1, 1, 1.0)
+    point = {"runs": {"qtrain": run(0.5, [2.0, 1.5, 1.25]), "peft": run(1.0, [2.5, 2.0, 1.0]),
+                      "qtrain-cudagraphs": run(0.25, [2.0, 1.5, 1.375]), "qtrain-eager": {"error": "exit 1"}}}
+    gpu.compare_to_qtrain(point)
+    assert point["speed_vs_peft"] == 2.0 and point["speed_vs_qtrain-cudagraphs"] == 0.5
+    assert point["runs"]["qtrain-cudagraphs"]["loss_gap_vs_qtrain"] == 0.125
+    assert "loss_gap_vs_qtrain" not in point["runs"]["peft"]  # another initialisation: not comparable
+    assert point["runs"]["qtrain-eager"] == {"error": "exit 1"} and "speed_vs_qtrain-eager" not in point
+    assert "(losses within 0.125 of qtrain's)" in gpu.table({"points": [{"point": "p", **point}]})
+
+
 def test_matmul_parameters_of_llama_3_8b():
     gpu = load()
     # 32 layers x (q, k, v, o at 4096 wide with 8 of 32 heads for k, v; three 4096 x 14336 MLP matrices) + head
