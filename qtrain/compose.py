@@ -129,8 +129,8 @@ def merge_adapters(paths: list[str | Path], out: str | Path, weights: list[float
         if method == "cat":
             a, b = cat_factors(m, adapters, weights)
         elif method == "linear":
-            a = sum(_signed_sqrt(w * ad.scaling)[0] * ad.a[m].double() for ad, w in present)
-            b = sum(_signed_sqrt(w * ad.scaling)[1] * ad.b[m].double() for ad, w in present)
+            a = sum(_signed_sqrt(w * ad.scaling)[1] * ad.a[m].double() for ad, w in present)
+            b = sum(_signed_sqrt(w * ad.scaling)[0] * ad.b[m].double() for ad, w in present)
         elif method == "svd":
             a_cat, b_cat = cat_factors(m, adapters, weights)
             a, b, discarded[m] = svd_factors(b_cat, a_cat, target_rank)
@@ -164,7 +164,8 @@ def _check_same_base(adapters: list[LoraAdapter]) -> None:
 
 
 def _signed_sqrt(x: float) -> tuple[float, float]:
-    """(√|x|, sign(x)·√|x|): factors whose product is x, so a negative weight flips B, not a square root."""
+    """(√|x|, sign(x)·√|x|): factors whose product is x, so a negative weight flips one factor, not a square root.
+    peft's `linear` puts the sign on A (B's factor is √|x|), which decides the sign of the cross terms B_i·A_j."""
     r = math.sqrt(abs(x))
     return r, math.copysign(r, x)
 

@@ -62,6 +62,22 @@ def test_cat_is_the_weighted_sum_of_deltas(two, tmp_path):
         torch.testing.assert_close(got[m], 0.7 * da[m] - 1.3 * db[m], rtol=0, atol=1e-5)
 
 
+def test_linear_is_pefts_with_cross_terms_and_the_sign_on_a(tmp_path):
+    """peft's `linear`: A = Σ sign(w_i s_i)·√|w_i s_i|·A_i, B = Σ √|w_i s_i|·B_i, so B·A holds the cross terms
+    B_i·A_j, each with A_j's sign (a negative weight on B instead would flip the other adapter's cross term)."""
+    a, b = write_lora(tmp_path / "a", r=4, alpha=8, seed=1), write_lora(tmp_path / "b", r=4, alpha=4, seed=2)
+    merge_adapters([a, b], tmp_path / "out", [0.7, -0.5], "linear")
+    got, la, lb = read_lora(tmp_path / "out"), read_lora(a), read_lora(b)
+    wa, wb = 0.7 * la.scaling, -0.5 * lb.scaling
+    for m in la.a:
+        big_a = math.sqrt(wa) * la.a[m].double() - math.sqrt(-wb) * lb.a[m].double()
+        big_b = math.sqrt(wa) * la.b[m].double() + math.sqrt(-wb) * lb.b[m].double()
+        torch.testing.assert_close(got.delta(m), got.scaling * big_b @ big_a, rtol=0, atol=1e-5)
+        wrong = (math.sqrt(wa) * la.b[m].double() - math.sqrt(-wb) * lb.b[m].double()) @ \
+            (math.sqrt(wa) * la.a[m].double() + math.sqrt(-wb) * lb.a[m].double())
+        assert (got.delta(m) - got.scaling * wrong).abs().max() > 0.5  # the cross terms' sign is tested
+
+
 def test_svd_truncation_error_is_the_discarded_singular_values(two, tmp_path):
     a, b = two
     summary = merge_adapters([a, b], tmp_path / "out", [1.0, 0.5], "svd", rank=3)
