@@ -246,7 +246,9 @@ def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict
     bar = tqdm(total=total_steps, initial=done.step, desc="train", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     seconds_before, start = done.seconds, time.perf_counter()
-    last, tokens_since, bad_in_a_row, stopped = start, 0, 0, False
+    # tokens_per_s: the tokens since the last record over the training time since, without what `log` (an
+    # evaluation during training) and checkpoint saves took in between
+    last, tokens_since, paused, bad_in_a_row, stopped = start, 0, 0.0, 0, False
     for step in range(done.step, total_steps):
         factor = lr_factor(step, cfg.warmup_steps, total_steps, cfg.lr_scheduler)
         for group, peak in zip(optimizer.param_groups, peak_lrs):
@@ -276,16 +278,17 @@ def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict
             record = {
                 "step": step + 1, "loss": round(loss, 6) if finite else None, "lr": optimizer.param_groups[0]["lr"],
                 "grad_norm": round(grad_norm, 6) if math.isfinite(grad_norm) else None,
-                "target_tokens": int(n_targets), "tokens_per_s": round(tokens_since / (now - last), 1),
+                "target_tokens": int(n_targets),
+                "tokens_per_s": round(tokens_since / max(now - last - paused, 1e-9), 1),
                 "elapsed_s": round(seconds_before + now - start, 2),
                 "peak_mem_mb": round(peak_memory_bytes(device) / 2**20, 1),
             }
             if not finite:
                 record["skipped"] = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'}"
-            last, tokens_since = now, 0
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.1e}", tok_s=record["tokens_per_s"],
                             mem=f"{record['peak_mem_mb']:.0f}M")
             log(record)
+            last, tokens_since, paused = time.perf_counter(), 0, 0.0
         if bad_in_a_row >= cfg.max_bad_steps:
             bar.close()
             kept = checkpoints.last_saved if checkpoints else None
@@ -297,8 +300,10 @@ def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict
 
         stopped = stop() and step + 1 < total_steps
         if checkpoints and not bad_in_a_row and (checkpoints.due(step + 1) or step + 1 == total_steps or stopped):
-            done.seconds = seconds_before + time.perf_counter() - start
+            saving = time.perf_counter()
+            done.seconds = seconds_before + saving - start
             checkpoints.save(done, optimizer, batches, total_steps, scaler)
+            paused += time.perf_counter() - saving
         if stopped:
             break
     bar.close()

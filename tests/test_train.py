@@ -101,6 +101,37 @@ def test_each_optimizer_lowers_the_loss_and_leaves_the_base_untouched(tiny_model
     assert all(torch.equal(after[n], v) for n, v in frozen.items())
 
 
+def test_tokens_per_second_leave_out_the_time_logging_takes(tiny_model_dir, dates_file, monkeypatch):
+    """`log` runs evaluations during training: its time is not training time. A clock that moves 1 s per reading
+    and 1000 s per `log` call: every record's rate is its tokens over 1 s (it was over 1001 s after the first)."""
+    import types
+
+    import qtrain.train
+
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1.0
+        return clock[0]
+
+    def log(record):
+        records.append(record)
+        clock[0] += 1000.0  # an evaluation
+
+    records = []
+    monkeypatch.setattr(qtrain.train, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    loaded, params = lora_model(tiny_model_dir)
+    ds, _ = prepare(str(dates_file), DataSection(train="x"), loaded.tokenizer, "data.train")
+    cfg = TrainingSection(micro_batch_size=4, max_steps=3, log_every=1, lr_scheduler="constant")
+    batches = Batches(ds, 4, seed=0, pad_id=loaded.tokenizer.pad_token_id)
+    groups = [{"params": list(params.values()), "lr": cfg.learning_rate}]
+    train(loaded.model, groups, batches, cfg, cfg.max_steps, Accelerator(cpu=True), log=log)
+    assert len(records) == 3
+    rates = [r["tokens_per_s"] for r in records]
+    assert min(rates) > 20 and max(rates) < 200  # 4 rows of a date question: tens of tokens, over 1 s each
+    assert records[-1]["elapsed_s"] > 2000  # the wall clock still counts everything
+
+
 def test_run_is_deterministic_and_writes_its_files(tiny_model_dir, dates_file, tmp_path):
     from qtrain.run import run
 
