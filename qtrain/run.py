@@ -24,6 +24,7 @@ from qtrain import compiled, sharding
 from qtrain.config import RunConfig
 from qtrain.errors import QTrainError
 from qtrain.gpus import allocator_settings, prefer_expandable_segments
+from qtrain.locate import SMOLLM2_ALIAS
 
 
 def seed_everything(seed: int) -> None:
@@ -40,7 +41,7 @@ def prepare_output_dir(cfg: RunConfig, overwrite: bool, resume_step: int | None 
     cut back to the checkpoint's step) or `overwrite` is given (the previous run's files are removed)."""
     from qtrain.checkpoint import step_dirs
 
-    out = Path(cfg.output.dir)
+    out = Path(cfg.output.dir).expanduser()
     if out.exists() and not out.is_dir():
         raise QTrainError(f"output.dir: {out} is a file; choose a folder path")
     # Empty, or only the config of a run that failed before its first step: no run to protect.
@@ -62,8 +63,22 @@ def prepare_output_dir(cfg: RunConfig, overwrite: bool, resume_step: int | None 
         metrics.write_text("".join(kept))
     elif resume_step is None:
         metrics.unlink(missing_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(with_absolute_paths(cfg.to_dict()), sort_keys=False))
     return out
+
+
+def with_absolute_paths(raw: dict) -> dict:
+    """`raw` (a config as a dict) with its local paths absolute: `model.path` and `data.train`/`eval` where they
+    name something on this machine (not an alias or a hub id), and `output.dir`. The run folder's config.yaml
+    keeps them so: `export`, `eval` and `generate --config` read it from wherever they are run, and paths
+    relative to where training ran would not resolve there."""
+    raw = {**raw, "model": dict(raw["model"]), "data": dict(raw["data"]), "output": dict(raw["output"])}
+    for section, key in (("model", "path"), ("data", "train"), ("data", "eval")):
+        value = raw[section].get(key)
+        if value and value != SMOLLM2_ALIAS and Path(value).expanduser().exists():
+            raw[section][key] = str(Path(value).expanduser().resolve())
+    raw["output"]["dir"] = str(Path(raw["output"]["dir"]).expanduser().resolve())
+    return raw
 
 
 def _logged_step(line: str) -> float:
@@ -172,8 +187,9 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     say = print if main else (lambda *a, **k: None)
     if resume and overwrite:
         raise QTrainError("--resume continues the run in output.dir and --overwrite deletes it; pass one of them")
-    ckpt = resume_point(Path(cfg.output.dir), resume, say) if resume else None
-    out = prepare_output_dir(cfg, overwrite, ckpt.step if ckpt else None) if main else Path(cfg.output.dir)
+    ckpt = resume_point(Path(cfg.output.dir).expanduser(), resume, say) if resume else None
+    out = prepare_output_dir(cfg, overwrite, ckpt.step if ckpt else None) if main else \
+        Path(cfg.output.dir).expanduser()
     seed_everything(cfg.training.seed)
 
     model_path = resolve_model_path(cfg.model)

@@ -62,6 +62,31 @@ def trained_logits(run: Path, ids: torch.Tensor = IDS) -> torch.Tensor:
     return _logits(model, ids[0])
 
 
+def test_a_run_with_relative_paths_exports_from_another_folder(tiny_model_dir, dates_file, tmp_path, monkeypatch):
+    """The run folder's config.yaml holds the paths the run used, made absolute: `export` (like `eval` and
+    `generate --config`) reads it from wherever it is run, where paths relative to the training's folder would
+    name nothing."""
+    import os
+    import shutil
+
+    from qtrain.cli import main
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copy(dates_file, work / "dates.jsonl")
+    monkeypatch.chdir(work)
+    write_config(work, Path(os.path.relpath(tiny_model_dir, work)), Path("dates.jsonl"),
+                 training={"max_steps": 1}, output={"dir": "runs/rel"})
+    assert main(["run", "config.yaml"]) == 0
+    saved = yaml.safe_load((work / "runs" / "rel" / "config.yaml").read_text())
+    assert saved["model"]["path"] == str(Path(tiny_model_dir).resolve())
+    assert saved["data"]["train"] == str((work / "dates.jsonl").resolve())
+    assert saved["output"]["dir"] == str((work / "runs" / "rel").resolve())
+    monkeypatch.chdir(elsewhere)
+    assert main(["export", str(work / "runs" / "rel"), "--out", "merged"]) == 0
+    assert (elsewhere / "merged" / "config.json").is_file()
+
+
 @pytest.fixture(scope="module")
 def exports(tiny_model_dir, tmp_path_factory):
     """A 4-bit, an 8-bit and an unquantized run, each exported (float32, small shards so there are several)."""
