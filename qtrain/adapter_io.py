@@ -28,7 +28,8 @@ SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub model the ship
 
 
 def portable_base_model(name: str) -> str:
-    """What adapter_config.json says the base is: a hub id other machines can resolve, never a local path.
+    """What adapter_config.json and qtrain.json say the base is: a hub id other machines can resolve, never a local
+    path.
 
     The shipped alias becomes SmolLM2's hub id; a local folder becomes its folder name (peft, vLLM and llama.cpp's
     converter take the base from their own argument then; an absolute path would only leak this machine's layout).
@@ -75,7 +76,7 @@ def save_adapter(directory: str | Path, methods: list[Method], params: dict[str,
         if len(peft_configs) == 1 and len(methods) == 1:  # peft would silently drop a mix's other methods
             (tmp / "adapter_config.json").write_text(json.dumps(peft_configs[0], indent=2) + "\n")
         (tmp / "qtrain.json").write_text(json.dumps(
-            {"base_model": base_model, "methods": [m.block.model_dump(mode="json") for m in methods]}, indent=2) + "\n")
+            {"base_model": portable, "methods": [m.block.model_dump(mode="json") for m in methods]}, indent=2) + "\n")
         publish_dir(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

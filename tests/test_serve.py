@@ -160,6 +160,8 @@ def test_inspect_reports_consumers(adapters, tiny_model_dir, tmp_path):
     ok, why = info["consumers"]["llama.cpp"]
     assert ok and "--base" in why  # a local base folder is not a hub id
     assert info["base_model"] == tiny_model_dir.name  # the folder's name, not its absolute path
+    # qtrain.json too: what `inspect` shows for the methods peft has no file for (bitfit, sparse, mixes...)
+    assert json.loads((adapters["poems"] / "qtrain.json").read_text())["base_model"] == tiny_model_dir.name
     text = describe(info)
     assert "vLLM: yes" in text and "targets: ['down_proj', 'gate_proj'" in text
 
