@@ -44,6 +44,30 @@ def portable_base_model(name: str) -> str:
     return name
 
 
+def check_out(out: Path, overwrite: bool, reads: list[Path], ours: str) -> None:
+    """Refuse an --out folder whose replacement (`publish_dir`) would lose what the user has: one that is, holds,
+    or lies inside what the command reads (`reads`); an existing one without --overwrite; and with it, one that
+    holds files other than an earlier output of this command (marked by its file `ours`)."""
+    target = out.resolve()
+    for read in reads:
+        read = read.resolve()
+        if target == read or read.is_relative_to(target) or target.is_relative_to(read):
+            where = "is" if target == read else "holds" if read.is_relative_to(target) else "lies inside"
+            raise QTrainError(f"--out: {out} {where} {read}, which this command reads and replacing --out would "
+                              "delete; choose a folder outside it")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise QTrainError(f"--out: {out} already exists; choose a new folder or pass --overwrite")
+    if not out.is_dir():
+        raise QTrainError(f"--out: {out} is a file; choose a folder path")
+    files = sorted(f.name for f in out.iterdir())
+    if files and ours not in files:
+        raise QTrainError(f"--out: {out} holds files this command did not write (e.g. {files[0]}); --overwrite "
+                          f"replaces only an earlier output of it (a folder with {ours}); choose a new folder, or "
+                          "move those files away first")
+
+
 def publish_dir(tmp: Path, directory: Path) -> None:
     """Move the finished folder `tmp` to `directory` (same filesystem), replacing an old one only at the end."""
     for f in tmp.rglob("*"):

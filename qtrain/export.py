@@ -75,6 +75,7 @@ def export(run_dir: str | Path, out: str | Path, dtype: str | None = None, base:
            overwrite: bool = False, check: bool = True, max_shard_bytes: int = 2 * 2**30,
            say: Callable[[str], None] = print) -> dict[str, Any]:
     """Merge the run's adapter into its base and write a Hugging Face folder at `out`; returns the report."""
+    from qtrain.adapter_io import check_out, publish_dir
     from qtrain.config import load_config
     from qtrain.modeling import resolve_model_path
 
@@ -84,8 +85,7 @@ def export(run_dir: str | Path, out: str | Path, dtype: str | None = None, base:
                           "output.dir of a `qtrain run`")
     if base not in ("dequantized", "original"):
         raise QTrainError(f"--base: {base!r} is not allowed; choose dequantized or original")
-    if out.exists() and not overwrite:
-        raise QTrainError(f"--out: {out} already exists; choose a new folder or pass --overwrite")
+    check_out(out, overwrite, [run_dir / "config.yaml", run_dir / "adapter", run_dir / "checkpoints"], REPORT)
     cfg = load_config(run_dir / "config.yaml")
     _refuse_unmergeable(run_dir / "adapter")
     model_path = resolve_model_path(cfg.model)
@@ -109,8 +109,6 @@ def export(run_dir: str | Path, out: str | Path, dtype: str | None = None, base:
         if report.get("passed") is False:
             (tmp / FAILED_MARK).write_text(_describe(report) + "\nThis folder does not reproduce the trained "
                                            "model within the stated tolerance; see export_report.json.\n")
-        from qtrain.adapter_io import publish_dir
-
         publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

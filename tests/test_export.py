@@ -188,10 +188,31 @@ def test_refuses_existing_out_and_replaces_with_overwrite(exports, tmp_path):
     (tmp_path / "x" / "keep.txt").write_text("mine")
     with pytest.raises(QTrainError, match="already exists"):
         export(run, tmp_path / "x", check=False, say=lambda s: None)
+    # --overwrite replaces an earlier export, never a folder of the user's
+    with pytest.raises(QTrainError, match=r"did not write \(e\.g\. keep\.txt\).*export_report\.json"):
+        export(run, tmp_path / "x", check=False, overwrite=True, say=lambda s: None)
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
-    export(run, tmp_path / "x", check=False, overwrite=True, say=lambda s: None)
-    assert not (tmp_path / "x" / "keep.txt").exists() and (tmp_path / "x" / "config.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["x"]  # no temporary folder left behind
+    export(run, tmp_path / "y", check=False, say=lambda s: None)
+    (tmp_path / "y" / "model.safetensors.index.json").unlink()  # so a replaced folder shows
+    export(run, tmp_path / "y", check=False, overwrite=True, say=lambda s: None)
+    assert (tmp_path / "y" / "model.safetensors.index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x", "y"]  # no temporary folder left behind
+
+
+def test_out_may_not_be_or_hold_the_run_it_exports(exports, tmp_path):
+    """Replacing --out would delete the run (or its adapter) being exported: refused, even with --overwrite."""
+    import shutil
+
+    run = tmp_path / "runs" / "r"
+    shutil.copytree(exports["none"][0], run)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out, where in ((run, "holds"), (tmp_path / "runs", "holds"), (run / "adapter", "is"),
+                       (run / "adapter" / "merged", "lies inside")):
+        with pytest.raises(QTrainError, match=rf"--out: .* {where} .*which this command reads"):
+            export(run, out, check=False, overwrite=True, say=lambda s: None)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    export(run, run / "merged", check=False, say=lambda s: None)  # beside the run's files: nothing is replaced
+    assert (run / "merged" / "config.json").is_file() and (run / "adapter").is_dir()
 
 
 def test_unmergeable_method_stops_with_its_reason(exports, tmp_path, monkeypatch):
