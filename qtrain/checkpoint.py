@@ -308,19 +308,30 @@ def check_resumable(ckpt: Checkpoint, config: dict[str, Any], fingerprint: str, 
                           "in another output.dir, or pass --allow-config-change to resume anyway")
 
 
+# what a run has written before its first checkpoint: a folder holding only these (and no step-N folder, valid or
+# not) has nothing to resume and nothing to lose, and `--resume` starts the run there again
+BEFORE_FIRST_SAVE = {"config.yaml", "metrics.jsonl", "tensorboard", "checkpoints"}
+
+
 def resume_point(out: Path, resume: str, say: Callable[[str], None] = print) -> Checkpoint | None:
-    """The verified checkpoint `--resume` means. "latest": the newest valid one in `out`; a fresh `out` just
-    starts the run (so a job script can always pass --resume). `check_resumable` then compares configs."""
+    """The verified checkpoint `--resume` means. "latest": the newest valid one in `out`; a fresh `out`, or one
+    whose run stopped before its first checkpoint, just starts the run (so a job script can always pass
+    --resume). `check_resumable` then compares configs."""
     if resume == "latest":
         ckpt = latest_valid(out / "checkpoints", say)
         if ckpt is None:
-            if out.is_dir() and not {f.name for f in out.iterdir()} <= {"config.yaml"}:  # as prepare_output_dir
-                # not "pass --overwrite": beside --resume it is refused; it replaces --resume
-                raise CheckpointError(f"--resume: {out} holds no valid checkpoint to resume from; to start the run "
-                                      "again there, run without --resume and with --overwrite (it replaces that "
-                                      "run's files), or choose a new output.dir")
-            say(f"qtrain: --resume: no checkpoint in {out} yet; starting the run")
-            return None
+            held = {f.name for f in out.iterdir()} if out.is_dir() else set()
+            if held <= {"config.yaml"}:  # as prepare_output_dir: no run there
+                say(f"qtrain: --resume: no checkpoint in {out} yet; starting the run")
+                return None
+            if held <= BEFORE_FIRST_SAVE and not step_dirs(out / "checkpoints"):
+                say(f"qtrain: --resume: the run in {out} stopped before its first checkpoint; starting it again "
+                    "(its metrics.jsonl is replaced)")
+                return None
+            # not "pass --overwrite": beside --resume it is refused; it replaces --resume
+            raise CheckpointError(f"--resume: {out} holds no valid checkpoint to resume from; to start the run "
+                                  "again there, run without --resume and with --overwrite (it replaces that "
+                                  "run's files), or choose a new output.dir")
     else:
         path = Path(resume).expanduser()
         if not path.exists():

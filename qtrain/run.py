@@ -33,7 +33,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "adapter", "checkpoints")
+# what a run and the commands run on its folder (eval, report) write there: --overwrite removes these, and only these
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "adapter", "checkpoints", "tensorboard", "eval.json",
+             "report.md", "report.png")
 
 
 def prepare_output_dir(cfg: RunConfig, overwrite: bool, resume_step: int | None = None) -> Path:
@@ -188,8 +190,9 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     if resume and overwrite:
         raise QTrainError("--resume continues the run in output.dir and --overwrite deletes it; pass one of them")
     ckpt = resume_point(Path(cfg.output.dir).expanduser(), resume, say) if resume else None
-    out = prepare_output_dir(cfg, overwrite, ckpt.step if ckpt else None) if main else \
-        Path(cfg.output.dir).expanduser()
+    # --resume with nothing to resume from (`resume_point` allowed it): what is there goes, as under --overwrite
+    out = prepare_output_dir(cfg, overwrite or bool(resume and ckpt is None), ckpt.step if ckpt else None) \
+        if main else Path(cfg.output.dir).expanduser()
     seed_everything(cfg.training.seed)
 
     model_path = resolve_model_path(cfg.model)

@@ -5,6 +5,7 @@ changes the maths is refused by key, SIGINT stops with a checkpoint and exit 0, 
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,19 +249,43 @@ def test_resume_keeps_the_micro_batch_that_auto_decided(tiny_model_dir, dates_fi
 
 
 def test_resume_without_a_checkpoint_advises_what_is_accepted(tiny_model_dir, dates_file, tmp_path):
-    """A run folder with no valid checkpoint: the advice once was "pass --overwrite", which beside --resume is
-    refused; it now says to drop --resume, and that command then runs."""
+    """A run folder whose checkpoints are all unreadable: the advice once was "pass --overwrite", which beside
+    --resume is refused; it now says to drop --resume, and that command then runs."""
     from qtrain.run import run
 
     cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file, training={"max_steps": 1}))
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a run that wrote no checkpoint
+    (out / "checkpoints" / "step-1").mkdir(parents=True)  # a checkpoint that cannot be read
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     with pytest.raises(ck.CheckpointError, match="no valid checkpoint.*run without --resume and with --overwrite"):
         run(cfg, resume="latest")
+    assert (out / "checkpoints" / "step-1").is_dir()
     with pytest.raises(Exception, match="pass one of them"):  # what the old advice led to
         run(cfg, resume="latest", overwrite=True)
     assert run(cfg, overwrite=True)["steps"] == 1
+
+
+def test_resume_starts_again_a_run_stopped_before_its_first_checkpoint(tiny_model_dir, dates_file, tmp_path):
+    """A job killed before its first save (save_every steps in) leaves config.yaml and metrics.jsonl, nothing to
+    resume and nothing to lose: --resume starts it again, so a job script can always pass it. An adapter there
+    (a finished run whose checkpoints were deleted) is not started over."""
+    from qtrain.run import run
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file, training={"max_steps": 2}))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("stale: true\n")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n{"step": 3, "lo')
+    (out / "checkpoints").mkdir()  # made, never filled
+    assert run(cfg, resume="latest")["steps"] == 2
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 2 and 9.0 not in losses
+    shutil.rmtree(out / "checkpoints")
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ck.CheckpointError, match="no valid checkpoint"):
+        run(cfg, resume="latest")
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
 
 
 def test_an_output_folder_is_never_destroyed_without_overwrite(tiny_model_dir, dates_file, tmp_path):
@@ -275,6 +300,9 @@ def test_an_output_folder_is_never_destroyed_without_overwrite(tiny_model_dir, d
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     marker = out / "notes.txt"  # a file of the user's is left alone even by --overwrite
     marker.write_text("mine")
+    for name in ("eval.json", "report.md", "report.png"):  # what `qtrain eval`/`report` wrote of the old run
+        (out / name).write_text("the old run's")
     run(cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": 1})}), overwrite=True)
     assert [p.name for p in ck.step_dirs(out / "checkpoints")] == ["step-1"] and marker.read_text() == "mine"
+    assert not any((out / name).exists() for name in ("eval.json", "report.md", "report.png"))
     assert os.path.exists(out / "adapter" / "adapter_model.safetensors")
