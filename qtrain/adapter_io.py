@@ -123,10 +123,19 @@ def load_adapter(model: nn.Module, directory: str | Path) -> tuple[list[Method],
     for m in methods:
         saved = m.from_file(saved)
     names = {PEFT_PREFIX + n for n in params}
+    problem = None
     if set(saved) != names:
         missing, extra = sorted(names - set(saved)), sorted(set(saved) - names)
-        raise QTrainError(f"{directory}: adapter weights do not match this model (missing {missing[:3]}, "
-                          f"unexpected {extra[:3]}); load it on the base it was trained on")
+        problem = f"missing {missing[:3]}, unexpected {extra[:3]}"
+    elif wrong := [(n, tuple(saved[PEFT_PREFIX + n].shape), tuple(p.shape)) for n, p in params.items()
+                   if saved[PEFT_PREFIX + n].shape != p.shape]:
+        problem = f"{wrong[0][0]} is {wrong[0][1]} in the adapter and {wrong[0][2]} here" + \
+            (f", and {len(wrong) - 1} more differ" if len(wrong) > 1 else "")
+    if problem:
+        for m in reversed(methods):  # the model as it was: a server keeps serving its other adapters
+            m.detach(model)
+        raise QTrainError(f"{directory}: adapter weights do not match this model ({problem}); it was trained on "
+                          f"another base ({meta.get('base_model')!r}): load it on that one")
     with torch.no_grad():
         for name, p in params.items():
             if p.is_meta:  # attached to a skeleton (export): the saved tensor becomes the parameter's storage

@@ -81,6 +81,27 @@ def test_generate_per_request_and_errors(tiny_model_dir, adapters):
     assert list(server.adapters) == ["poems"] and server.active is None
 
 
+def test_an_adapter_of_another_base_is_refused_and_the_base_left_as_it_was(tiny_model_dir, adapters, tmp_path):
+    """Same module names, other widths (a 32-wide base): a clear error naming a tensor and both shapes, not a
+    broadcasting traceback, and the server goes on serving what it had."""
+    from conftest import make_llama_folder
+
+    other = make_llama_folder(tmp_path / "narrow", hidden=32)
+    model = base(other, 4).model
+    methods = build_methods([LoRABlock(method="lora", r=2, alpha=8, target_modules="all-linear")])
+    narrow = save_adapter(tmp_path / "narrow-adapter", methods, methods[0].attach(model), base_model=str(other))
+    server = Server(base(tiny_model_dir, 4)).add_adapter("poems", adapters["poems"])
+    want = server.logits(IDS, "poems")
+    server.use(None)
+    modules = {n: m for n, m in server.model.named_modules()}
+    with pytest.raises(QTrainError, match=r"do not match this model \(.*lora_A.* is \(2, 32\) in the adapter and "
+                                          r"\(2, 64\) here, and \d+ more differ\); it was trained on another base "
+                                          r"\('narrow'\)"):
+        server.add_adapter("narrow", narrow)  # loaded once to check it fits
+    assert {n: m for n, m in server.model.named_modules()} == modules and server.active is None
+    assert list(server.adapters) == ["poems"] and torch.equal(server.logits(IDS, "poems"), want)
+
+
 @pytest.mark.filterwarnings("error:.*past_key_values.* is deprecated:FutureWarning")
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_serving_virtual_tokens_reads_them(tiny_model_dir, tmp_path, kind):
