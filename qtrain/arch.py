@@ -32,29 +32,50 @@ class Arch:
     mlp_bias: bool = False
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "Arch":
-        cfg = cfg.get("text_config", cfg)
-        try:
-            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-            return cls(
-                hidden=hidden, intermediate=int(cfg["intermediate_size"]), layers=int(cfg["num_hidden_layers"]),
-                heads=heads, kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads), vocab=int(cfg["vocab_size"]),
-                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
-                model_type=str(cfg.get("model_type", "llama")), mlp_bias=bool(cfg.get("mlp_bias", False)),
-            )
-        except KeyError as e:
-            raise QTrainError(f"model config: missing {e.args[0]!r}; qtrain reads decoder configs of the Llama "
-                              "family (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, ...)")
+    def from_config(cls, cfg: dict[str, Any], source: str = "model config") -> "Arch":
+        """The shapes in a config.json's dict; a missing or garbled value is a `QTrainError` naming `source` (the
+        file, where the caller knows it), the key and the value."""
+        cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else cfg
+        if not isinstance(cfg, dict):
+            raise QTrainError(f"{source}: not a JSON object; give a model's config.json")
+
+        def size(key: str, default: int | None = None) -> int:
+            if key not in cfg and default is None:
+                raise QTrainError(f"{source}: missing {key!r}; qtrain reads decoder configs of the Llama family "
+                                  "(hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, ...)")
+            value = cfg.get(key)
+            if value is None and default is not None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise QTrainError(f"{source}: {key} is {json.dumps(value)}, not a positive whole number; fix that "
+                                  "value or restore the model's original config.json")
+            return value
+
+        def flag(key: str, default: bool) -> bool:
+            value = cfg.get(key)
+            if value is None:
+                return default
+            if not isinstance(value, bool):
+                raise QTrainError(f"{source}: {key} is {json.dumps(value)}, not true or false; fix that value or "
+                                  "restore the model's original config.json")
+            return value
+
+        hidden, heads = size("hidden_size"), size("num_attention_heads")
+        return cls(
+            hidden=hidden, intermediate=size("intermediate_size"), layers=size("num_hidden_layers"),
+            heads=heads, kv_heads=size("num_key_value_heads", heads), head_dim=size("head_dim", hidden // heads),
+            vocab=size("vocab_size"), tie_embeddings=flag("tie_word_embeddings", False),
+            attention_bias=flag("attention_bias", cfg.get("model_type") == "qwen2"),
+            model_type=str(cfg.get("model_type", "llama")), mlp_bias=flag("mlp_bias", False),
+        )
 
     @classmethod
     def from_path(cls, path: str | Path) -> "Arch":
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
         try:
-            return cls.from_config(json.loads(file.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+            return cls.from_config(json.loads(file.read_text(encoding="utf-8")), f"model config {file}")
+        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
             raise QTrainError(f"model config: cannot read {file} ({e}); give a model folder or its config.json")
 
     def linears(self) -> dict[str, tuple[int, int]]:

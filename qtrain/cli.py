@@ -6,6 +6,7 @@ Every `QTrainError` becomes one paragraph on stderr and exit code 2, without a t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -13,6 +14,37 @@ import sys
 from qtrain.errors import QTrainError
 
 EXIT_USAGE = 2
+
+
+def _at_least(low: int):
+    """An argparse type: a whole number >= `low` (else argparse names the option and exits with code 2)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+    return parse
+
+
+def _positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return x
+
+
+def _named(text: str) -> str:
+    """An argparse type: a non-empty value (an empty one would silently read as the option not given)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a value or leave the option out")
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,14 +69,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --resume: accept a config whose training maths differs from the checkpoint's")
     r.add_argument("--dry-run", action="store_true",
                    help="validate the config and print it resolved; load nothing")
-    r.add_argument("--nproc", type=int, default=1, metavar="N",
+    r.add_argument("--nproc", type=_at_least(1), default=1, metavar="N",
                    help="data-parallel over N processes through `accelerate launch` (GPUs, or CPU with gloo)")
     r.add_argument("--fsdp", action="store_true",
                    help="with --nproc: shard the base, adapters and optimizer states over them (FSDP2)")
 
     d = sub.add_parser("data", help="show formatted training examples with their loss masks, and length stats")
     d.add_argument("config", help="YAML config file")
-    d.add_argument("--show", type=int, default=3, metavar="N", help="how many examples to print (default 3)")
+    d.add_argument("--show", type=_at_least(0), default=3, metavar="N", help="how many examples to print (default 3)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     e = sub.add_parser("eval", help="base vs trained: task metrics and general-text perplexity (forgetting)")
@@ -63,12 +95,12 @@ def _add_plan_command(sub) -> None:
                                     "config.json only (no weights, no torch).")
     pl.add_argument("config", help="YAML config file")
     where = pl.add_mutually_exclusive_group()
-    where.add_argument("--gpu", metavar="NAME", help="a GPU profile, e.g. rtx4090, t4, a100-80gb")
-    where.add_argument("--budget", metavar="SIZE", help="memory to fit in, e.g. 24GB, 11.5GiB")
+    where.add_argument("--gpu", type=_named, metavar="NAME", help="a GPU profile, e.g. rtx4090, t4, a100-80gb")
+    where.add_argument("--budget", type=_named, metavar="SIZE", help="memory to fit in, e.g. 24GB, 11.5GiB")
     pl.add_argument("--model-config", metavar="FILE", help="the model's config.json (instead of model.path)")
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="where it will train (decides compute_dtype auto and runtime overhead; default cuda)")
-    pl.add_argument("--nproc", type=int, metavar="N", help="processes (devices) the run will use")
+    pl.add_argument("--nproc", type=_at_least(1), metavar="N", help="processes (devices) the run will use")
     pl.add_argument("--fsdp", action="store_true", help="they shard the model (FSDP2): plan per device")
     pl.add_argument("--accelerate-config", metavar="FILE",
                     help="an accelerate config (num_processes; distributed_type FSDP shards), e.g. "
@@ -90,7 +122,8 @@ def _add_serving_commands(sub) -> None:
     x.add_argument("--base", choices=["dequantized", "original"], default="dequantized",
                    help="merge into the dequantized 4/8-bit weights training saw (default, reproduces the trained "
                         "model) or into the original full-precision weights (reports the drift)")
-    x.add_argument("--max-shard-size", type=float, default=2.0, metavar="GB", help="shard size in GiB (default 2)")
+    x.add_argument("--max-shard-size", type=_positive_number, default=2.0, metavar="GB",
+                   help="shard size in GiB (default 2)")
     x.add_argument("--no-check", action="store_true", help="skip the equivalence check")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
@@ -99,7 +132,7 @@ def _add_serving_commands(sub) -> None:
     m.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1 each)")
     m.add_argument("--method", default="linear", choices=["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"])
     m.add_argument("--density", type=float, default=1.0, help="ties/dare: share of each delta kept (default 1)")
-    m.add_argument("--rank", type=int, help="svd/ties/dare: rank of the result (default: sum of the ranks)")
+    m.add_argument("--rank", type=_at_least(1), help="svd/ties/dare: rank of the result (default: sum of the ranks)")
     m.add_argument("--seed", type=int, default=0, help="dare: seed of the random drop")
     m.add_argument("--out", required=True, help="folder to write")
     m.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -113,7 +146,7 @@ def _add_serving_commands(sub) -> None:
         g.add_argument("--bits", choices=["4", "8", "none"], help="override the quantization (default: config's, or 4)")
         g.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME=DIR",
                        help="an adapter to load (repeatable); NAME defaults to the folder name")
-        g.add_argument("--max-new-tokens", type=int, default=64)
+        g.add_argument("--max-new-tokens", type=_at_least(1), default=64, metavar="N")
         if name == "generate":
             g.add_argument("--prompt", dest="prompts", action="append", required=True, help="a prompt (repeatable)")
             g.add_argument("--use", action="append", default=[], metavar="NAME",

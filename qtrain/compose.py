@@ -104,6 +104,9 @@ def merge_adapters(paths: list[str | Path], out: str | Path, weights: list[float
     weights = list(weights) if weights is not None else [1.0] * len(paths)
     if len(weights) != len(paths):
         raise QTrainError(f"--weights: {len(weights)} weights for {len(paths)} adapters; give one per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise QTrainError(f"--weights: {' '.join(map(str, weights))}: every weight must be a finite number (nan or "
+                          "inf would make the merged adapter nan or inf)")
     if not 0 < density <= 1:
         raise QTrainError(f"--density: {density} must be in (0, 1] (the share of each delta's entries kept)")
     if rank is not None and method in ("cat", "linear"):

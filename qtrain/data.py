@@ -80,6 +80,8 @@ def load_rows(path: str, key: str):
             extra = _csv_as_text(p) if builder == "csv" else {}
             ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True, **extra)
         except Exception as e:
+            if isinstance(e, UnicodeDecodeError) or isinstance(e.__cause__, UnicodeDecodeError):  # datasets wraps it
+                raise _not_utf8(p) from None
             raise DataError(f"{key}: {path!r} could not be read as {builder} ({type(e).__name__}: {e})") from None
     if len(ds) == 0:
         raise DataError(f"{key}: {path!r} is empty; it needs at least one example")
@@ -95,6 +97,17 @@ def _csv_as_text(p: Path) -> dict[str, Any]:
     with open(p, newline="", encoding="utf-8") as f:
         header = next(csv.reader(f), [])
     return {"features": datasets.Features({c: datasets.Value("string") for c in header}), "keep_default_na": False}
+
+
+def _not_utf8(p: Path) -> DataError:
+    """The error for a file that is not UTF-8 text, naming the line of its first undecodable byte."""
+    data = p.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return DataError(f"{p}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8")
+    return DataError(f"{p}: not UTF-8 text; save the file as UTF-8")
 
 
 def _from_rows(rows: list[dict[str, Any]], lines: list[int], p: Path):
@@ -117,7 +130,10 @@ def _from_rows(rows: list[dict[str, Any]], lines: list[int], p: Path):
 
 def _read_json(p: Path) -> tuple[list[dict[str, Any]], list[int]]:
     """Parse a JSON array or JSONL file; rows and their line numbers (a malformed row is named by its line)."""
-    text = p.read_text(encoding="utf-8", errors="strict")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _not_utf8(p) from None
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

@@ -507,12 +507,14 @@ def read_model_config(cfg: RunConfig, model_config: str | Path | None = None) ->
     """The model's config.json as a dict: `--model-config FILE`, else found from `model.path` (never weights)."""
     file = Path(model_config) if model_config else model_config_file(cfg.model.path, cfg.model.revision)
     try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
         if model_config:
             raise QTrainError(f"--model-config: cannot read {file} ({e}); give a model's config.json") from None
         raise QTrainError(f"model.path: cannot read {file} ({e}); repair that config.json, or give a readable "
                           "one with --model-config FILE") from None
+    Arch.from_config(data, f"{'--model-config' if model_config else 'model config'} {file}")  # names the file
+    return data
 
 
 def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "cuda",

@@ -60,6 +60,9 @@ def test_hostile_inputs_fail_with_a_named_error_and_damage_nothing(tiny_model_di
          expect=r"data\.train: .*empty\.jsonl' is empty")
     case("non_text_field", data=jsonl(tmp_path / "numbers.jsonl", [{**r, "output": i} for i, r in enumerate(ROWS)]),
          expect=r"numbers\.jsonl:1: field 'output' must be text, got int")
+    not_utf8 = tmp_path / "latin1.jsonl"
+    not_utf8.write_bytes(json.dumps(ROWS[0]).encode() + b'\n{"instruction": "caf\xe9", "input": "", "output": "x"}\n')
+    case("not_utf8", data=not_utf8, expect=r"latin1\.jsonl:2: not UTF-8 text .*; save the file as UTF-8")
     case("all_masked", "--set=data.max_seq_len=4", expect=r"data\.train: no example .* response token left")
     case("unknown_architecture", model=model_variant(
         tiny_model_dir, tmp_path / "qwerty-model", lambda c: c.update(model_type="qwerty")),
@@ -109,6 +112,74 @@ def test_hostile_inputs_fail_with_a_named_error_and_damage_nothing(tiny_model_di
     after = snapshot(tmp_path)
     assert {p: after.get(p) for p in before} == before  # nothing that was on disk changed
     assert not (tmp_path / "PWNED").exists()  # the model's own code never ran
+
+
+def qtrain(args, capsys) -> tuple[int, str]:
+    """Exit code and stderr of `qtrain ARGS` in this process (argparse's errors exit through SystemExit)."""
+    from qtrain.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_data_that_is_not_utf8_is_named_by_file_and_line(tiny_model_dir, tmp_path, capsys):
+    good = json.dumps(ROWS[0]).encode() + b"\n"
+    files = {"rows.jsonl": (good + b'{"instruction": "a\xff\xfe", "input": "b", "output": "c"}\n', 2),
+             "array.json": (b"[" + good + b', {"instruction": "\xe9", "input": "", "output": "x"}]', 2),
+             "rows.csv": (b"instruction,input,output\nx,y,z\ncaf\xe9,y,z\n", 3)}
+    config = write_config(tmp_path, tiny_model_dir, tmp_path / "unused.jsonl")
+    for name, (data, line) in files.items():
+        (tmp_path / name).write_bytes(data)
+        code, err = qtrain(["data", config, "--show=1", f"--set=data.train={tmp_path / name}"], capsys)
+        assert code == 2 and re.search(rf"{re.escape(name)}:{line}: not UTF-8 text .*; save the file as UTF-8",
+                                       err) and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["generate", "--model=m", "--prompt=hi", "--max-new-tokens=0"], "--max-new-tokens: must be at least 1, got 0"),
+    (["chat", "--model=m", "--max-new-tokens=-4"], "--max-new-tokens: must be at least 1, got -4"),
+    (["run", "c.yaml", "--nproc=0"], "--nproc: must be at least 1, got 0"),
+    (["run", "c.yaml", "--nproc", "-1"], "--nproc: must be at least 1, got -1"),
+    (["plan", "c.yaml", "--nproc", "-3"], "--nproc: must be at least 1, got -3"),
+    (["plan", "c.yaml", "--gpu="], "--gpu: empty"),
+    (["plan", "c.yaml", "--budget= "], "--budget: empty"),
+    (["data", "c.yaml", "--show=-1"], "--show: must be at least 0, got -1"),
+    (["merge-adapters", "a", "--out=o", "--rank=0"], "--rank: must be at least 1, got 0"),
+    (["export", "r", "--out=o", "--max-shard-size=nan"], "--max-shard-size: must be a positive number, got nan"),
+])
+def test_counts_and_names_out_of_range_are_refused_when_parsed(args, expect, capsys):
+    code, err = qtrain(args, capsys)
+    assert code == 2 and f"argument {expect}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", "big"), ("num_hidden_layers", True),
+                                        ("vocab_size", 0), ("intermediate_size", 2.5), ("tie_word_embeddings", "no")])
+def test_a_garbled_model_config_value_is_named(key, value, tiny_model_dir, dates_file, tmp_path, capsys):
+    from qtrain.arch import Arch
+
+    garbled = tmp_path / "garbled" / "config.json"
+    garbled.parent.mkdir()
+    garbled.write_text(json.dumps({**json.loads((tiny_model_dir / "config.json").read_text()), key: value}))
+    code, err = qtrain(["plan", write_config(tmp_path, tiny_model_dir, dates_file), f"--model-config={garbled}"],
+                       capsys)
+    assert code == 2 and f"--model-config {garbled}: {key} is {json.dumps(value)}, not " in err, err
+    assert "Traceback" not in err
+    with pytest.raises(QTrainError, match=re.escape(f"model config {garbled}: {key} is {json.dumps(value)}, not ")):
+        Arch.from_path(garbled.parent)  # what `qtrain run` and export read
+
+
+def test_merge_adapters_refuses_non_finite_weights(tmp_path, capsys):
+    from test_compose import write_lora
+
+    a, b = write_lora(tmp_path / "a", r=4, alpha=8, seed=1), write_lora(tmp_path / "b", r=4, alpha=8, seed=2)
+    for weight in ("nan", "inf"):
+        code, err = qtrain(["merge-adapters", a, b, "--method=linear", "--weights", weight, "1",
+                            f"--out={tmp_path / 'out'}"], capsys)
+        assert code == 2 and f"--weights: {float(weight)} 1.0: every weight must be a finite number" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_examples_with_nothing_to_learn_are_counted_and_skipped(tmp_path):
