@@ -97,6 +97,8 @@ def merge_adapters(paths: list[str | Path], out: str | Path, weights: list[float
                    method: str = "linear", density: float = 1.0, rank: int | None = None, seed: int = 0,
                    overwrite: bool = False) -> dict[str, Any]:
     """Compose LoRA adapters into one, written at `out` in peft's layout (plus qtrain.json); returns a summary."""
+    from qtrain.adapter_io import check_out
+
     if method not in METHODS:
         raise QTrainError(f"--method: {method!r} is not allowed; choose one of {', '.join(METHODS)}")
     if len(paths) < 1:
@@ -114,8 +116,7 @@ def merge_adapters(paths: list[str | Path], out: str | Path, weights: list[float
     if rank is not None and rank < 1:
         raise QTrainError(f"--rank: {rank} must be a positive integer")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise QTrainError(f"--out: {out} already exists; choose a new folder or pass --overwrite")
+    check_out(out, overwrite, [Path(p) for p in paths], "qtrain.json")  # replaces only an adapter folder
     adapters = [read_lora(p) for p in paths]
     _check_same_base(adapters)
     modules = sorted(set().union(*(ad.a.keys() for ad in adapters)))

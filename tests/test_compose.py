@@ -141,6 +141,16 @@ def test_merged_adapter_loads_in_peft_layout_and_refusals(two, tmp_path):
     assert meta["methods"][0]["method"] == "lora" and meta["methods"][0]["r"] == 4
     with pytest.raises(QTrainError, match="already exists"):
         merge_adapters([a], tmp_path / "out", [1], "cat")
+    merge_adapters([a], tmp_path / "out", [1], "cat", overwrite=True)  # an adapter folder: replaced
+    assert read_lora(tmp_path / "out").config["r"] == 4
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(QTrainError, match=r"did not write \(e\.g\. notes\.txt\)"):  # a folder of the user's: not
+        merge_adapters([a], tmp_path / "mine", [1], "cat", overwrite=True)
+    for out in (a, tmp_path):  # an input, or a folder holding one: replacing it would delete what is merged
+        with pytest.raises(QTrainError, match="which this command reads"):
+            merge_adapters([a, b], out, [1, 1], "cat", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").is_file() and (a / "adapter_model.safetensors").is_file()
     with pytest.raises(QTrainError, match="different ranks"):
         merge_adapters([a, b], tmp_path / "o2", [1, 1], "linear")
     with pytest.raises(QTrainError, match="2 weights for 1"):
