@@ -3,9 +3,9 @@
 One pydantic model per YAML section; every default lives here and nowhere else. Unknown keys are errors with
 a "did you mean" suggestion, and every problem is reported at once with its dotted path. CLI overrides
 (`--set training.learning_rate=1e-4`) are applied to the raw mapping and go through the same validator, so
-an override can never bypass a check. PEFT methods are a list of blocks told apart by their `method:` key
-(a pydantic discriminated union); each method's block is declared next to its implementation in
-`qtrain.methods` and collected here.
+an override can never bypass a check (and a problem it caused names it). PEFT methods are a list of blocks
+told apart by their `method:` key (a pydantic discriminated union); each method's block is declared next to
+its implementation in `qtrain.methods` and collected here.
 """
 
 from __future__ import annotations
@@ -14,23 +14,19 @@ import copy
 import difflib
 import hashlib
 import json
+import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from qtrain.errors import ConfigError, QTrainError
-from qtrain.methods.blocks import METHOD_BLOCKS
+from qtrain.methods.blocks import METHOD_BLOCKS, Section, union_members
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are checked on assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSection(Section):
@@ -238,7 +234,14 @@ class OutputSection(Section):
     dir: str = "runs/qtrain"
 
 
-PeftBlock = Annotated[Union[tuple(METHOD_BLOCKS.values())], Field(discriminator="method")]  # type: ignore[valid-type]
+def _method_of(block: Any) -> Any:
+    """A peft block's `method:`, which picks its class. A function, not `discriminator="method"`: pydantic
+    refuses that on a field that a before-validator sees, and `Section` checks every field for booleans."""
+    return block.get("method") if isinstance(block, dict) else getattr(block, "method", None)
+
+
+PeftBlock = Annotated[Union[tuple(Annotated[b, Tag(m)] for m, b in METHOD_BLOCKS.items())],  # type: ignore[valid-type]
+                      Discriminator(_method_of)]
 
 
 class RunConfig(Section):
@@ -290,6 +293,10 @@ class RunConfig(Section):
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML file, apply `key=value` overrides, validate. Raises ConfigError listing every problem."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "config.yaml"  # a run folder holds its resolved config there
+        hint = f", e.g. {str(inside)!r}" if inside.is_file() else ""
+        raise ConfigError([f"config file {str(path)!r} is a directory; pass the YAML file inside it{hint}"], "qtrain")
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist; pass the path of a YAML file"], "qtrain")
     try:
@@ -308,14 +315,24 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             [f"the top level must be a mapping of sections (model:, peft:, data:, ...), got {type(raw).__name__}"],
             str(path),
         )
-    return validate_config(apply_overrides(raw, overrides), source=str(path))
+    return validate_config(apply_overrides(raw, overrides), source=str(path), overrides=overrides)
 
 
-def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+def validate_config(raw: dict[str, Any], source: str = "config",
+                    overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Validate a raw mapping. `overrides`: the `--set` items already applied to it, so that a problem one of
+    them caused says so (and, when all did, is headed `--set` rather than `source`)."""
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError([_describe(err) for err in e.errors()], source) from None
+        errors = e.errors()
+    by_key: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for err in errors:  # a value that fits no member of a union fails once per member: one problem
+        by_key.setdefault(_walk(tuple(err["loc"]))[0], []).append(err)
+    problems = [_describe(key, errs) for key, errs in by_key.items()]
+    set_by = [_set_by(key, problem, overrides) for key, problem in zip(by_key, problems)]
+    problems = [p + (f" (set by --set {item})" if item else "") for p, item in zip(problems, set_by)]
+    raise ConfigError(problems, "--set" if all(set_by) else source)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -360,34 +377,51 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The config class that owns the key at `loc`, to suggest its known keys. List indices are skipped;
-    inside `peft`, the discriminator tag (`lora`, ...) names the block class."""
-    model: type[BaseModel] | None = RunConfig
+def _walk(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
+    """`loc` as the user writes the key, without the tags pydantic adds for the member of a union that failed
+    (`peft.0.lora.r` → `peft.0.r`, `training.micro_batch_size.constrained-int` → `training.micro_batch_size`),
+    and the type found there (a config class for a section or peft block; None when not known)."""
+    shown, ann = [], RunConfig
     for part in loc:
-        if isinstance(part, int):
+        members = union_members(ann)
+        if len(members) > 1:  # peft blocks are told apart by `method:`; the tag of any other union ends the walk
+            ann = METHOD_BLOCKS.get(part) if isinstance(part, str) else None
             continue
-        if model is None and part in METHOD_BLOCKS:
-            model = METHOD_BLOCKS[part]
-            continue
-        field = model.model_fields.get(part) if model else None
-        if field is None:
-            return None
-        ann = field.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return model
+        shown.append(part)
+        origin, args = typing.get_origin(members[0]), typing.get_args(members[0])
+        if isinstance(members[0], type) and issubclass(members[0], BaseModel):
+            field = members[0].model_fields.get(part)
+            ann = field.annotation if field else None
+        elif origin in (list, tuple) and isinstance(part, int):
+            ann = args[0] if origin is list or ... in args else args[part] if part < len(args) else None
+        else:
+            ann = args[1] if origin is dict else None
+    return tuple(shown), ann
 
 
-def _describe(err: dict[str, Any]) -> str:
-    loc = tuple(err["loc"])
-    # Drop the discriminator tag from the user-facing path: `peft.0.lora.r` → `peft.0.r`.
-    shown = tuple(p for i, p in enumerate(loc) if not (p in METHOD_BLOCKS and i > 0 and isinstance(loc[i - 1], int)))
-    key = _dotted(shown)
-    kind = err["type"]
-    value = err.get("input")
+def _set_by(key: tuple[Any, ...], problem: str, overrides: list[str] | tuple[str, ...]) -> str | None:
+    """The last `--set` item that set `key` or a section holding it, or a key inside it that `problem` names (a
+    check across keys reports at their section)."""
+    parts = [str(p) for p in key]
+    for item in reversed(overrides):
+        target = item.partition("=")[0].strip().split(".")
+        if parts[:len(target)] == target or (target[:len(parts)] == parts
+                                             and re.search(rf"\b{re.escape(target[-1])}\b", problem)):
+            return item
+    return None
+
+
+def _describe(shown: tuple[Any, ...], errs: list[dict[str, Any]]) -> str:
+    """One problem at the key `shown` in words; `errs` holds several when the value fits no member of a union."""
+    key, err = _dotted(shown), errs[0]
+    kind, value, loc = err["type"], err.get("input"), tuple(err["loc"])
+    if len(errs) > 1:
+        wanted = [e.get("ctx", {}).get("expected") if e["type"] == "literal_error" else
+                  str(e["msg"]).removeprefix("Input should be ").split(", ")[0] for e in errs]
+        return f"{key}: should be {' or '.join(dict.fromkeys(wanted))}, got {value!r}"
     if kind == "extra_forbidden":
-        owner = _model_at(loc[:-1])
-        known = sorted(owner.model_fields) if owner else []
+        owner = _walk(loc[:-1])[1]
+        known = sorted(owner.model_fields) if isinstance(owner, type) and issubclass(owner, BaseModel) else []
         close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
         hint = f"; did you mean {'.'.join(map(str, shown[:-1] + (close[0],)))!r}?" if close else ""
         return f"{key}: unknown key{hint} (known keys here: {', '.join(known)})"

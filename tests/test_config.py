@@ -106,3 +106,85 @@ def test_shipped_configs_validate(config):
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout)["peft"]
+
+
+def test_a_target_modules_string_must_be_a_valid_regex(tmp_path, capsys):
+    """A string is a regex over full module names (peft's rule): a broken one fails validation, not the run after
+    the model loaded. List items are plain names, matched as such, so they are not regexes to check."""
+    from qtrain.cli import main
+
+    assert validate_config({**MINIMAL, "peft": [{"method": "lora", "target_modules": r"model\.layers\.0\..*_proj"}]})
+    assert validate_config({**MINIMAL, "peft": [{"method": "lora", "target_modules": ["foo("]}]})
+    for block in ({"method": "lora", "target_modules": "foo("}, {"method": "ia3", "feedforward_modules": "foo("}):
+        found = problems({**MINIMAL, "peft": [block]})
+        assert len(found) == 1 and "'foo(' is not a valid regex" in found[0] and "list module names" in found[0]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    assert main(["run", str(path), "--set", "peft.0.target_modules=foo(", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "peft.0.target_modules: the string 'foo(' is not a valid regex" in err and "Traceback" not in err
+
+
+def test_booleans_are_refused_where_numbers_are_expected(tmp_path):
+    """pydantic alone reads `max_steps: yes` as 1 and `learning_rate: true` as 1.0; fields that take a boolean
+    (`bool`, `bool | Literal["auto"]`) still do."""
+    for item, key, expected in [("training.max_steps=true", "training.max_steps", "an integer"),
+                                ("training.micro_batch_size=true", "training.micro_batch_size", "an integer or 'auto'"),
+                                ("training.learning_rate=true", "training.learning_rate", "a number"),
+                                ("training.adam_betas=[yes, 0.9]", "training.adam_betas", "a number"),
+                                ("peft.0.r=true", "peft.0.r", "an integer"),
+                                ("peft.0.rank_pattern={v_proj: on}", "peft.0.rank_pattern", "an integer"),
+                                ("quantization.bits=true", "quantization.bits", "4, 8 or 'none'")]:
+        assert problems(apply_overrides(MINIMAL, [item])) == [
+            f"{key}: expected {expected}, got the boolean true (YAML reads yes/no and on/off as booleans too)"]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "training:\n  max_steps: yes\n")
+    with pytest.raises(ConfigError, match="training.max_steps: expected an integer, got the boolean true"):
+        load_config(path)
+    cfg = validate_config({**MINIMAL, "training": {"gradient_checkpointing": False, "compile": True},
+                           "model": {"embeddings_on_host": False}, "peft": [{"method": "lora", "dora": True}]})
+    assert (cfg.training.gradient_checkpointing, cfg.training.compile, cfg.model.embeddings_on_host,
+            cfg.peft[0].dora) == (False, True, False, True)
+
+
+def test_a_value_that_fits_no_member_of_a_union_names_the_key():
+    """Not pydantic's member tags (`training.micro_batch_size.constrained-int`, `.literal['auto']`): one problem."""
+    assert problems(apply_overrides(MINIMAL, ["training.micro_batch_size=0", "training.loss_chunk_size=0",
+                                              "training.gradient_checkpointing=maybe"])) == [
+        "training.micro_batch_size: should be greater than 0 or 'auto', got 0",
+        "training.gradient_checkpointing: should be a valid boolean or 'auto', got 'maybe'",
+        "training.loss_chunk_size: should be greater than 0 or 'auto', got 0"]
+
+
+def test_a_problem_an_override_caused_names_the_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["training.max_steps=-1"])
+    assert str(e.value).startswith("--set: 1 problem")
+    assert e.value.problems == ["training.max_steps: input should be greater than 0, got -1 "
+                                "(set by --set training.max_steps=-1)"]
+    path.write_text(yaml.safe_dump({**MINIMAL, "training": {"max_steps": 3}}))
+    with pytest.raises(ConfigError) as e:  # a check across keys names the override it involves
+        load_config(path, ["training.epochs=1", "peft=[{method: lora, r: 0}]"])
+    assert e.value.problems == [
+        "peft.0.r: input should be greater than 0, got 0 (set by --set peft=[{method: lora, r: 0}])",
+        "training: set either training.max_steps or training.epochs, not both (max_steps counts optimizer steps) "
+        "(set by --set training.epochs=1)"]
+    path.write_text(yaml.safe_dump({**MINIMAL, "training": {"warmup_steps": -1}}))
+    with pytest.raises(ConfigError) as e:  # the file's own problem keeps the file's name
+        load_config(path, ["training.max_steps=-1"])
+    assert str(e.value).startswith(f"{path}: 2 problems")
+    assert e.value.problems == [
+        "training.max_steps: input should be greater than 0, got -1 (set by --set training.max_steps=-1)",
+        "training.warmup_steps: input should be greater than or equal to 0, got -1"]
+
+
+def test_a_directory_is_not_a_config_file(tmp_path, capsys):
+    from qtrain.cli import main
+
+    assert main(["run", str(tmp_path), "--dry-run"]) == 2
+    assert f"'{tmp_path}' is a directory; pass the YAML file inside it\n" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(MINIMAL))  # a run folder
+    assert main(["run", str(tmp_path), "--dry-run"]) == 2
+    assert f"is a directory; pass the YAML file inside it, e.g. '{tmp_path / 'config.yaml'}'" in capsys.readouterr().err

@@ -3,15 +3,18 @@
 They live apart from the implementations so that validating a config (and planning memory) never imports
 torch. Each implementation module imports its block from here; `METHOD_BLOCKS` is what the config schema's
 discriminated union is built from, so adding a method is: a block here, an implementation, a registry entry.
+`Section`, the base of every config class, lives here too, as `qtrain.config` imports this module.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, ClassVar, Literal
+import types
+import typing
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from qtrain.arch import Arch, matches, pattern_key
 from qtrain.errors import QTrainError
@@ -19,11 +22,87 @@ from qtrain.errors import QTrainError
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 
+class Section(BaseModel):
+    """Base of every config section (`qtrain.config`) and peft block: unknown keys are errors, values are checked
+    on assignment too, and a boolean is refused where the field's type does not take one (pydantic alone would
+    read `max_steps: yes` as 1)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_stray_booleans(cls, v: Any, info: ValidationInfo) -> Any:
+        stray = _stray_bool(cls.model_fields[info.field_name].annotation, v)
+        if stray:
+            expected, found = stray
+            raise ValueError(f"expected {expected}, got the boolean {str(found).lower()} (YAML reads yes/no and "
+                             "on/off as booleans too)")
+        return v
+
+
+def _bare(ann: Any) -> Any:
+    while typing.get_origin(ann) is Annotated:
+        ann = typing.get_args(ann)[0]
+    return ann
+
+
+def union_members(ann: Any) -> tuple[Any, ...]:
+    """The types a field annotation admits besides None, without their `Annotated` constraints."""
+    ann = _bare(ann)
+    if typing.get_origin(ann) not in (typing.Union, types.UnionType):
+        return (ann,)
+    return tuple(_bare(m) for m in typing.get_args(ann) if m is not type(None))
+
+
+def _stray_bool(ann: Any, v: Any) -> tuple[str, bool] | None:
+    """A boolean in `v` (itself, or an item of a list or mapping) where type `ann` takes none: (what the type
+    takes there, that boolean); None when there is none."""
+    members = union_members(ann)
+    if isinstance(v, bool):
+        takes = [m for m in members if m in (bool, Any) or
+                 typing.get_origin(m) is Literal and any(isinstance(a, bool) for a in typing.get_args(m))]
+        return None if takes else (_kind(members), v)
+    for m in members:
+        origin, args = typing.get_origin(m), typing.get_args(m)
+        if isinstance(v, (list, tuple)) and origin in (list, tuple):
+            items = zip(args if origin is tuple and ... not in args else [args[0]] * len(v), v)
+        elif isinstance(v, dict) and origin is dict:
+            items = ((args[1], x) for x in v.values())
+        else:
+            continue
+        return next(filter(None, (_stray_bool(t, x) for t, x in items)), None)
+    return None
+
+
+def _kind(members: tuple[Any, ...]) -> str:
+    """What a value of one of these types is, in words: `an integer or 'auto'`."""
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", tuple: "a list", dict: "a mapping"}
+    kinds = []
+    for m in members:
+        if typing.get_origin(m) is Literal:
+            kinds += map(repr, typing.get_args(m))
+        else:
+            kinds.append(names.get(typing.get_origin(m) or m, "a mapping"))  # else: a section
+    *rest, last = dict.fromkeys(kinds)
+    return f"{', '.join(rest)} or {last}" if rest else last
+
+
+def check_regex(text: str, what: str, fix: str) -> None:
+    """Raise a ValueError naming `what` when `text` is not a valid regex, with `fix` as the way out."""
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise ValueError(f"{what} {text!r} is not a valid regex ({e}); {fix}") from None
+
+
 def _check_targets(v: list[str] | str) -> list[str] | str:
     if isinstance(v, list) and not v:
         raise ValueError("is an empty list; name modules (e.g. [q_proj, v_proj]) or use 'all-linear'")
     if isinstance(v, str) and not v.strip():
         raise ValueError("is empty; name modules (e.g. [q_proj, v_proj]), a regex, or 'all-linear'")
+    if isinstance(v, str) and v != "all-linear":  # a list holds plain names, matched as such (peft's rule)
+        check_regex(v, "the string", "a string is a regex matched against full module names: fix it, or list "
+                    "module names (e.g. [q_proj, v_proj])")
     return v
 
 
@@ -37,8 +116,7 @@ def targeted(arch: Arch, targets: list[str] | str) -> dict[str, tuple[int, int]]
     return {n: s for n, s in arch.linears().items() if targets == "all-linear" or matches(n, targets)}
 
 
-class Block(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class Block(Section):
     rewrites_inputs: ClassVar[bool] = False
     """Whether the method changes every input row (virtual tokens, a key/value prefix): no `data.packing`."""
     keeps_linear_inputs: ClassVar[bool] = True
@@ -94,11 +172,7 @@ class LoRABlock(Block):
     @classmethod
     def _keys_are_regexes(cls, v: dict[str, float]) -> dict[str, float]:
         for key in v:
-            try:
-                re.compile(key)
-            except re.error as e:
-                raise ValueError(f"key {key!r} is not a valid regex ({e}); use a module name suffix like "
-                                 "'v_proj' or a regex over the module name") from None
+            check_regex(key, "key", "use a module name suffix like 'v_proj' or a regex over the module name")
         return v
 
     def rank_for(self, module: str) -> int:
@@ -310,10 +384,8 @@ class UnfreezeBlock(Block):
         if self.layers is not None and not self.layers:
             raise ValueError("layers is empty; list decoder layer indices, e.g. [-1]")
         if self.pattern is not None:
-            try:
-                re.compile(self.pattern)
-            except re.error as e:
-                raise ValueError(f"pattern {self.pattern!r} is not a valid regex ({e})") from None
+            check_regex(self.pattern, "pattern", r"fix it (it is matched in full against module names, e.g. "
+                        r"model\.layers\.3)")
         return self
 
     def parameters_of(self, arch: Arch) -> dict[str, int]:
