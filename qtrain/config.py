@@ -296,9 +296,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if path.is_dir():
         inside = path / "config.yaml"  # a run folder holds its resolved config there
         hint = f", e.g. {str(inside)!r}" if inside.is_file() else ""
-        raise ConfigError([f"config file {str(path)!r} is a directory; pass the YAML file inside it{hint}"], "qtrain")
+        raise ConfigError([f"is a directory; pass the YAML file inside it{hint}"], str(path))
     if not path.is_file():
-        raise ConfigError([f"config file {str(path)!r} does not exist; pass the path of a YAML file"], "qtrain")
+        raise ConfigError(["no such file; pass the path of a YAML config file"], str(path))
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

@@ -184,7 +184,7 @@ def test_a_directory_is_not_a_config_file(tmp_path, capsys):
     from qtrain.cli import main
 
     assert main(["run", str(tmp_path), "--dry-run"]) == 2
-    assert f"'{tmp_path}' is a directory; pass the YAML file inside it\n" in capsys.readouterr().err
+    assert f"{tmp_path}: 1 problem:\n  - is a directory; pass the YAML file inside it\n" in capsys.readouterr().err
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(MINIMAL))  # a run folder
     assert main(["run", str(tmp_path), "--dry-run"]) == 2
     assert f"is a directory; pass the YAML file inside it, e.g. '{tmp_path / 'config.yaml'}'" in capsys.readouterr().err
