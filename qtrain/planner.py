@@ -350,8 +350,14 @@ def parallelism(nproc: int | None, fsdp: bool, accelerate_config: str | None) ->
         except (OSError, yaml.YAMLError, AssertionError) as e:
             raise QTrainError(f"--accelerate-config: cannot read {accelerate_config} as an accelerate config "
                               f"({e or 'not a mapping'})") from None
+        processes = acc.get("num_processes", 1)
+        if not {"distributed_type", "num_processes"} & set(acc) or isinstance(processes, bool) \
+                or not isinstance(processes, int) or processes < 1:
+            raise QTrainError(f"--accelerate-config: {accelerate_config} is not an accelerate config (it needs "
+                              "distributed_type and a positive whole num_processes, as `accelerate config` writes "
+                              f"them; num_processes is {processes!r}); give the file accelerate launch reads")
         fsdp = fsdp or acc.get("distributed_type") == "FSDP"
-        nproc = nproc or int(acc.get("num_processes") or 1)
+        nproc = nproc or processes
     if fsdp and not nproc:
         raise QTrainError("--fsdp: give the number of devices to shard over with --nproc N")
     n = max(1, nproc or 1)

@@ -502,3 +502,7 @@ def test_cli_plans_per_device_with_fsdp_or_the_accelerate_config(tmp_path, tiny_
     assert "sharded over 2 devices (FSDP2): per device" in capsys.readouterr().out
     assert main(["plan", str(path), "--fsdp"]) == 2
     assert "--nproc" in capsys.readouterr().err
+    for text in ("model: {path: x}\n", "distributed_type: FSDP\nnum_processes: two\n"):  # not accelerate's
+        (tmp_path / "acc.yaml").write_text(text)
+        assert main(["plan", str(path), "--accelerate-config", str(tmp_path / "acc.yaml")]) == 2
+        assert "is not an accelerate config" in capsys.readouterr().err
