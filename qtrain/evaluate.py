@@ -7,6 +7,9 @@ reference answer. Generation runs batched with left padding.
 Forgetting: a fine-tune that wins its task can cost general ability. `reference_perplexity` scores a general
 English text shipped with qtrain (qtrain/resources/reference.txt, written for this purpose, unrelated to any
 task) so the report can show base vs trained perplexity on it beside the task metrics.
+
+The task rows are data.eval, or else the rows `data.eval_fraction` holds out of data.train: `split_held_out`
+makes that split for `qtrain run` and `qtrain eval` alike, seeded, so both score the same rows.
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ def eval_loss(model: nn.Module, dataset, micro_batch_size: int, pad_id: int, chu
     model.train(was_training)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def split_held_out(train_set, fraction: float, seed: int) -> tuple[Any, Any]:
+    """(train rows, held-out rows) of a prepared data.train, as `data.eval_fraction` splits it. Seeded by
+    training.seed, so `qtrain eval` recomputes exactly the rows the run held out."""
+    split = train_set.train_test_split(test_size=fraction, seed=seed)
+    return split["train"], split["test"]
 
 
 def reference_pairs(path: str, cfg: DataSection, tokenizer, limit: int) -> list[tuple[str, str]]:
@@ -142,7 +152,8 @@ def score_model(model: nn.Module, tokenizer, cfg: RunConfig, device: torch.devic
 
 
 def evaluate_run(run_dir: str) -> dict[str, Any]:
-    """`qtrain eval RUN_DIR`: base vs trained on data.eval and on the reference text; writes eval.json."""
+    """`qtrain eval RUN_DIR`: base vs trained on the run's task rows (data.eval, or the rows data.eval_fraction
+    held out) and on the reference text; writes eval.json."""
     import json
     from pathlib import Path
 
@@ -160,7 +171,12 @@ def evaluate_run(run_dir: str) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(cfg.model, cfg.quantization, device)
     tok = loaded.tokenizer
-    eval_set = prepare(cfg.data.eval, cfg.data, tok, "data.eval")[0] if cfg.data.eval else None
+    eval_set = None
+    if cfg.data.eval:
+        eval_set = prepare(cfg.data.eval, cfg.data, tok, "data.eval")[0]
+    elif cfg.data.eval_fraction > 0:  # as `qtrain run` split it
+        train_set = prepare(cfg.data.train, cfg.data, tok, "data.train")[0]
+        eval_set = split_held_out(train_set, cfg.data.eval_fraction, cfg.training.seed)[1]
     pairs = reference_pairs(cfg.data.eval, cfg.data, tok, cfg.eval.max_examples) \
         if cfg.data.eval and cfg.eval.exact_match and cfg.data.format != "text" else []
     scores = {"base": score_model(loaded.model, tok, cfg, device, eval_set, pairs)}

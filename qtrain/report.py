@@ -72,7 +72,11 @@ def write_report(run_dir: str) -> tuple[Path, Path]:
     train = [r for r in rows if r.get("loss") is not None]
     if not train:
         raise QTrainError(f"{run / 'metrics.jsonl'}: no training steps logged yet")
-    first, last = train[0], train[-1]
+    # a finished run's summary has every step's loss and the training time; metrics.jsonl only the logged steps
+    # (every `log_every`) and elapsed wall time, evaluations and checkpoint saves included
+    first = summary.get("first_loss", train[0]["loss"])
+    last = summary.get("final_loss", train[-1]["loss"])
+    steps, seconds = summary.get("steps", train[-1]["step"]), summary.get("train_seconds", train[-1].get("elapsed_s"))
     md = [f"# qtrain run: {run.name}", "", "![loss and learning rate](report.png)", "",
           "| | |", "|---|---|",
           f"| model | {model} ({cfg.get('quantization', {}).get('bits', '?')}-bit "
@@ -80,10 +84,11 @@ def write_report(run_dir: str) -> tuple[Path, Path]:
           f"| methods | {methods} |",
           f"| trainable parameters | {_count(summary.get('trainable_parameters'))} of "
           f"{_count(summary.get('base_parameters'))} |",
-          f"| steps | {last['step']} |",
-          f"| loss | {first['loss']:.4f} → {last['loss']:.4f} |",
-          f"| time | {last.get('elapsed_s', '?')} s training, {summary.get('total_seconds', '?')} s in all |",
-          f"| peak memory | {summary.get('peak_mem_mb', last.get('peak_mem_mb', '?'))} MiB |"]
+          f"| steps | {steps} |",
+          f"| loss | {first:.4f} → {last:.4f} |",
+          f"| time | {seconds if seconds is not None else '?'} s training, {summary.get('total_seconds', '?')} s in "
+          "all |",
+          f"| peak memory | {summary.get('peak_mem_mb', train[-1].get('peak_mem_mb', '?'))} MiB |"]
     for key in ("eval_loss", "eval_perplexity"):
         if key in summary:
             md.append(f"| {key.replace('_', ' ')} | {summary[key]:.4f} |")

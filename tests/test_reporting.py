@@ -102,6 +102,42 @@ def test_eval_reads_a_config_whose_micro_batch_and_loss_chunk_are_auto(tiny_mode
                                                                  rel=1e-5)
 
 
+def test_eval_scores_the_rows_an_eval_fraction_run_held_out(tiny_model_dir, dates_file, tmp_path):
+    """With data.eval_fraction (no data.eval file), `qtrain eval` holds out the run's own rows of data.train and
+    reports the task perplexity on them (eval.json had only the general-text one, and report.md lost the task
+    line). Other rows would give other perplexities, so matching the run's numbers means the same rows."""
+    from qtrain.evaluate import evaluate_run
+    from qtrain.report import write_report
+    from qtrain.run import run
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file, data={"eval_fraction": 0.25},
+                                   training={"max_steps": 4}))
+    forgetting = run(cfg)["forgetting"]
+    assert "eval_perplexity" in forgetting["trained"]
+    report = evaluate_run(cfg.output.dir)
+    for when in ("base", "trained"):
+        assert set(report[when]) == {"reference_perplexity", "eval_loss", "eval_perplexity"}
+        assert report[when]["eval_perplexity"] == pytest.approx(forgetting[when]["eval_perplexity"], rel=1e-5)
+    assert report["lines"][1].startswith("task perplexity")
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["lines"] == report["lines"]
+    assert f"- {report['lines'][1]}\n" in write_report(cfg.output.dir)[1].read_text()
+
+
+def test_the_report_takes_loss_steps_and_time_from_the_summary(tiny_model_dir, dates_file, tmp_path):
+    """With `log_every: 3` metrics.jsonl starts at step 3 and its elapsed time counts evaluations and saves;
+    the report's first loss and training time are the summary's (every step's loss, training time only)."""
+    from qtrain.report import write_report
+    from qtrain.run import run
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file, training={"max_steps": 4, "log_every": 3}))
+    summary = run(cfg)
+    text = write_report(cfg.output.dir)[1].read_text()
+    assert f"| loss | {summary['first_loss']:.4f} → {summary['final_loss']:.4f} |" in text
+    assert "| steps | 4 |" in text and f"| time | {summary['train_seconds']} s training," in text
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert f"{logged[0]['loss']:.4f} →" not in text  # step 3's, where the old report started
+
+
 def test_run_eval_and_report(tiny_model_dir, dates_file, tmp_path):
     from qtrain.evaluate import evaluate_run
     from qtrain.report import write_report
