@@ -18,11 +18,12 @@ _GREEN, _RESET = "\033[32m", "\033[0m"
 
 
 def mark_trained(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
-    """The decoded example with loss-carrying spans marked."""
+    """The decoded example with loss-carrying spans marked. The first token never carries a loss, whatever its
+    label: nothing before it predicts it (the loss compares each position's logits with the next label)."""
     open_, close = (_GREEN, _RESET) if color else ("[[", "]]")
     out, span, trained = [], [], False
-    for tok, lab in zip(input_ids, labels):
-        is_target = lab != IGNORE_INDEX
+    for i, (tok, lab) in enumerate(zip(input_ids, labels)):
+        is_target = lab != IGNORE_INDEX and i > 0
         if is_target != trained and span:
             text = tokenizer.decode(span)
             out.append(f"{open_}{text}{close}" if trained else text)

@@ -19,6 +19,8 @@ def test_mark_trained_brackets_exactly_the_loss_carrying_tokens():
     answer = tok("2021-03-03", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     text = mark_trained(tok, prompt + answer, [-100] * len(prompt) + answer, color=False)
     assert text == "Rewrite: March 3[[2021-03-03<|im_end|>]]"
+    # a text row's labels are its ids, the first one included, but nothing predicts the first token
+    assert mark_trained(tok, answer, answer, color=False) == "2[[021-03-03<|im_end|>]]"  # a digit per token
 
 
 def test_length_stats_count_what_max_seq_len_cuts():
