@@ -108,8 +108,9 @@ class TrainingSection(Section):
     device's memory), decided by `qtrain run` before the model is loaded."""
     gradient_accumulation_steps: PositiveInt = 1
     effective_batch_size: PositiveInt | None = None
-    """Examples per optimizer step. With `micro_batch_size: auto` the micro-batch is the largest divisor of it
-    that fits and the accumulation makes up the rest; otherwise it must equal micro-batch × accumulation."""
+    """Examples per optimizer step, over all processes. With `micro_batch_size: auto` the micro-batch is the
+    largest that fits and divides each process's share, and the accumulation makes up the rest; otherwise it must
+    equal micro-batch × accumulation × processes (`qtrain run` checks it, knowing the processes)."""
     memory_budget: int | str | None = None
     """Memory the run may use, e.g. "24GB", "11.5GiB" or bytes: `qtrain run` warns when the planner predicts more."""
     max_steps: PositiveInt | None = None
@@ -187,10 +188,10 @@ class TrainingSection(Section):
     @model_validator(mode="after")
     def _batch_sizes(self) -> "TrainingSection":
         e, m = self.effective_batch_size, self.micro_batch_size
-        if e is not None and m != "auto" and e != m * self.gradient_accumulation_steps:
+        if e is not None and m != "auto" and e % (m * self.gradient_accumulation_steps):  # × processes: at run
             raise ValueError(f"training.effective_batch_size ({e}) must equal micro_batch_size ({m}) × "
-                             f"gradient_accumulation_steps ({self.gradient_accumulation_steps}); or set "
-                             "micro_batch_size: auto to have the accumulation derived")
+                             f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) × processes; or "
+                             "set micro_batch_size: auto to have the accumulation derived")
         return self
 
     @model_validator(mode="after")

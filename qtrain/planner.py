@@ -2,7 +2,8 @@
 
 The solver only ever re-runs the prediction on modified setups (it is monotone in micro-batch and sequence
 length, so a doubling-then-bisection search finds the largest that fits), and suggestions are single changes
-a user can make with `--set`, ranked so that the least disruptive change that fits comes first. `qtrain run`
+a user can make with `--set`, ranked so that the least disruptive change that fits comes first. Every modified
+setup has the config's `auto` decided afresh (`Autos`), as a run of it would decide them. `qtrain run`
 calls `check_before_loading` to resolve `micro_batch_size: auto`, `gradient_checkpointing: auto` and the `auto`
 of the memory savers (fused ops, input embeddings on the host, the tiled MLP, offloaded checkpoints:
 `qtrain.savers`)
@@ -52,72 +53,116 @@ def _largest(fits_at, limit: int) -> int:
     return lo
 
 
-def largest_micro_batch(s: Setup, budget: int, limit: int = 4096) -> int:
-    return _largest(lambda m: estimate(replace(s, micro_batch=m)).peak <= budget, limit)
+@dataclass(frozen=True)
+class Autos:
+    """The `auto` a config leaves to `qtrain run`, and what the run decides them from besides the setup. A run
+    decides them for its own setup, so the planner decides them afresh for every changed setup it prices (a
+    suggestion, another sequence length or micro-batch): the savers `auto` needs at 8192 tokens are not those it
+    takes at 1637. `Autos()` (no config): nothing is left to decide, a setup is priced as it stands."""
+
+    cfg: RunConfig | None = None
+    processes: int = 1  # the run's processes (FSDP or data-parallel): each takes micro-batches of its own
+    rows: int | None = None  # training rows (examples, or packed rows), where known (`qtrain run`)
+    fixed: frozenset[str] = frozenset()  # keys a change sets, so no longer `auto`
+
+    @property
+    def keys(self) -> set[str]:
+        if self.cfg is None:
+            return set()
+        t = self.cfg.training
+        asked = {k for k in ("micro_batch_size", "gradient_checkpointing") if getattr(t, k) == "auto"}
+        return (autos(self.cfg) | asked) - self.fixed
+
+    def fixing(self, *overrides: str) -> Autos:
+        """These, less the keys that `overrides` (`--set` items) set."""
+        return replace(self, fixed=self.fixed | {o.partition("=")[0].rsplit(".", 1)[-1] for o in overrides})
+
+    def decide(self, s: Setup, budget: int) -> Setup:
+        """`s`, the setup as the config states it, with these decided in `check_before_loading`'s order: the
+        micro-batch, gradient checkpointing, then the memory savers."""
+        keys = self.keys
+        if "micro_batch_size" in keys:
+            micro, accumulation = auto_micro_batch(self.cfg, s, budget, self.processes, self.rows)
+            s = replace(s, micro_batch=micro, accumulation=accumulation)
+        if "gradient_checkpointing" in keys:
+            s = replace(s, checkpointing=auto_checkpointing(s, budget))
+        return auto_memory_savers(s, budget, keys) if keys else s
 
 
-def longest_sequence(s: Setup, budget: int, limit: int = 1 << 20) -> int:
-    return _largest(lambda t: estimate(replace(s, seq_len=t)).peak <= budget, limit)
+def largest_micro_batch(s: Setup, budget: int, limit: int = 4096, autos: Autos | None = None) -> int:
+    """The largest micro-batch (up to `limit`) that fits `budget`, the `autos` other than the micro-batch's
+    decided afresh for each (as a run with that micro-batch decides them)."""
+    autos = (autos or Autos()).fixing("training.micro_batch_size")
+    return _largest(lambda m: estimate(autos.decide(replace(s, micro_batch=m), budget)).peak <= budget, limit)
+
+
+def longest_sequence(s: Setup, budget: int, limit: int = 1 << 20, autos: Autos | None = None) -> int:
+    """The longest sequence (up to `limit` tokens) that fits `budget`, `autos` decided afresh for each length."""
+    autos = autos or Autos()
+    return _largest(lambda t: estimate(autos.decide(replace(s, seq_len=t), budget)).peak <= budget, limit)
 
 
 def _with_blocks(s: Setup, **update: Any) -> Setup:
     return replace(s, blocks=tuple(b.model_copy(update=update) if lora_like(b) else b for b in s.blocks))
 
 
-def suggestions(s: Setup, budget: int) -> list[Suggestion]:
+def suggestions(base: Setup, budget: int, autos: Autos | None = None) -> list[Suggestion]:
     """Single changes that lower the peak, each with its new prediction: those that fit first, least
     disruptive first (the order below), then the rest by peak. A change predicted not to lower it here is left
     out (LoRA on q_proj and v_proj only, when it targets q_proj alone; 8-bit states of tensors bnb keeps in
-    32-bit)."""
+    32-bit). `base`: the setup as the config states it; each change is priced as re-planning the config with
+    it would: `autos` decided afresh for the changed setup, less what the change sets."""
+    autos = autos or Autos()
+    s = autos.decide(base, budget)  # as planned: what is offered follows from it, what it costs from `base`
     lora = [i for i, b in enumerate(s.blocks) if lora_like(b)]
     options: list[tuple[str, list[str], Setup]] = []
     if not s.checkpointing:
         options.append(("enable gradient checkpointing (recompute each layer in backward, ~30% slower)",
-                        ["training.gradient_checkpointing=true"], replace(s, checkpointing=True)))
+                        ["training.gradient_checkpointing=true"], replace(base, checkpointing=True)))
     if s.optimizer in ("adamw", "paged_adamw_32bit"):
         options.append(("8-bit AdamW states (bnb; 2 bytes per parameter instead of 8)",
-                        ["training.optimizer=adamw_8bit"], replace(s, optimizer="adamw_8bit")))
+                        ["training.optimizer=adamw_8bit"], replace(base, optimizer="adamw_8bit")))
     if s.optimizer in ("adamw", "adamw_8bit") and s.device == "cuda":
         options.append(("paged 8-bit AdamW (states can move to host RAM under pressure)",
-                        ["training.optimizer=paged_adamw_8bit"], replace(s, optimizer="paged_adamw_8bit")))
+                        ["training.optimizer=paged_adamw_8bit"], replace(base, optimizer="paged_adamw_8bit")))
     over = estimate(s).peak > budget
     effective = s.micro_batch * s.accumulation
-    m = max((d for d in range(1, s.micro_batch) if effective % d == 0
-             and estimate(replace(s, micro_batch=d, accumulation=effective // d)).peak <= budget),
-            default=0) if over else 0
+    fixed_micro = autos.fixing("training.micro_batch_size")
+    m = max((d for d in range(1, s.micro_batch) if effective % d == 0 and estimate(fixed_micro.decide(
+        replace(base, micro_batch=d, accumulation=effective // d), budget)).peak <= budget), default=0) if over else 0
     if m:
         options.append((f"micro-batch {m} with gradient accumulation {effective // m} (keeps the effective "
                         f"batch of {effective})", [f"training.micro_batch_size={m}",
                         f"training.gradient_accumulation_steps={effective // m}"],
-                        replace(s, micro_batch=m, accumulation=effective // m)))
+                        replace(base, micro_batch=m, accumulation=effective // m)))
     if s.bits != 4:
-        options.append(("store the base in 4-bit NF4", ["quantization.bits=4"], replace(s, bits=4)))
+        options.append(("store the base in 4-bit NF4", ["quantization.bits=4"], replace(base, bits=4)))
     if not s.fused:
         options.append(("fused RMSNorm and silu·up (keep 16-bit inputs, rebuild the rest in backward; same "
-                        "gradients)", ["training.fused_ops=true"], replace(s, fused=True)))
+                        "gradients)", ["training.fused_ops=true"], replace(base, fused=True)))
     if s.mlp_chunk is None and s.micro_batch * s.tokens > AUTO_MLP_CHUNK:
         options.append((f"tiled MLP ({AUTO_MLP_CHUNK}-token chunks in forward and backward; same gradients)",
-                        [f"training.mlp_chunk_tokens={AUTO_MLP_CHUNK}"], replace(s, mlp_chunk=AUTO_MLP_CHUNK)))
+                        [f"training.mlp_chunk_tokens={AUTO_MLP_CHUNK}"], replace(base, mlp_chunk=AUTO_MLP_CHUNK)))
     if s.checkpointing and not s.offload and s.device == "cuda":
         options.append(("offload the checkpointed layer inputs to host memory (same gradients)",
-                        ["training.activation_offload=true"], replace(s, offload=True)))
+                        ["training.activation_offload=true"], replace(base, offload=True)))
     if not s.host_embeddings and can_host_embeddings(s):
         options.append(("keep the input embeddings in host memory", ["model.embeddings_on_host=true"],
-                        replace(s, host_embeddings=True)))
+                        replace(base, host_embeddings=True)))
     ranks = {s.blocks[i].r for i in lora}
     if lora and max(ranks) > 1:
         r = max(1, max(ranks) // 2)
-        options.append((f"LoRA rank {r}", [f"peft.{i}.r={r}" for i in lora], _with_blocks(s, r=r)))
+        options.append((f"LoRA rank {r}", [f"peft.{i}.r={r}" for i in lora], _with_blocks(base, r=r)))
     if lora and any(s.blocks[i].target_modules != ["q_proj", "v_proj"] for i in lora):
         options.append(("LoRA on q_proj and v_proj only", [f"peft.{i}.target_modules=[q_proj,v_proj]" for i in lora],
-                        _with_blocks(s, target_modules=["q_proj", "v_proj"])))
-    t = longest_sequence(s, budget, limit=s.seq_len - 1) if over and s.seq_len > 1 else 0
+                        _with_blocks(base, target_modules=["q_proj", "v_proj"])))
+    t = longest_sequence(base, budget, s.seq_len - 1, autos) if over and s.seq_len > 1 else 0
     if t:
         options.append((f"data.max_seq_len {t} (longer examples are truncated)", [f"data.max_seq_len={t}"],
-                        replace(s, seq_len=t)))
+                        replace(base, seq_len=t)))
     out, current = [], estimate(s).peak
     for rank, (change, overrides, new) in enumerate(options):
-        peak = estimate(new).peak
+        peak = estimate(autos.fixing(*overrides).decide(new, budget)).peak
         if peak >= current:
             continue
         out.append((peak > budget, rank if peak <= budget else peak, Suggestion(change, overrides, peak,
@@ -189,49 +234,59 @@ def resolve_budget(cfg: RunConfig, gpu: str | None = None, budget: str | None = 
 
 
 def make_plan(cfg: RunConfig, model_cfg: dict[str, Any], budget: int | None, source: str = "",
-              device: str = "cuda", shards: int = 1, data_parallel: bool = False) -> Plan:
+              device: str = "cuda", shards: int = 1, replicas: int = 1) -> Plan:
     """Predict the peak for `cfg` (per device, parameters and optimizer states divided over `shards` devices
-    under FSDP; `data_parallel`: one of several processes that each hold everything); with a budget also solve
-    what fits. `micro_batch_size: auto` becomes the largest micro-batch that fits (1 without a budget),
-    accumulation adjusted as `qtrain run` would."""
-    s = setup_from_config(cfg, model_cfg, device, shards=shards, data_parallel=data_parallel)
-    if cfg.training.micro_batch_size == "auto" and budget is not None:
-        micro, accumulation = auto_micro_batch(cfg, s, budget)
-        s = replace(s, micro_batch=micro, accumulation=accumulation)
-    if cfg.training.gradient_checkpointing == "auto" and budget is not None:
-        s = replace(s, checkpointing=auto_checkpointing(s, budget))
-    if budget is not None:
-        s = auto_memory_savers(s, budget, autos(cfg))
+    under FSDP; `replicas`: the processes of a data-parallel run, each holding everything); with a budget also
+    solve what fits. The `auto` are decided as the run's processes will (`Autos`): `micro_batch_size: auto`
+    becomes the largest micro-batch that fits (1 without a budget), accumulation adjusted as `qtrain run` would."""
+    base = setup_from_config(cfg, model_cfg, device, shards=shards, data_parallel=replicas > 1)
+    autos = Autos(cfg, processes=max(shards, replicas))
+    s = base if budget is None else autos.decide(base, budget)
     plan = Plan(s, estimate(s), budget, source)
     if budget is not None:
-        plan.max_micro_batch = largest_micro_batch(s, budget)
-        plan.max_seq_len = longest_sequence(s, budget)
+        plan.max_micro_batch = largest_micro_batch(base, budget, autos=autos)
+        at_micro = autos.fixing("training.micro_batch_size")  # "sequences up to … at micro-batch M"
+        plan.max_seq_len = longest_sequence(replace(base, micro_batch=s.micro_batch, accumulation=s.accumulation),
+                                            budget, autos=at_micro)
         plan.max_seq_len_without_savers = longest_sequence(without_savers(s), budget)
-        plan.max_seq_len_with_savers = longest_sequence(with_savers(s), budget)
-        plan.suggestions = suggestions(s, budget)
-        plan.faster = faster(s, budget)
+        # a chunk `auto` chose at this length is no bound: it takes smaller ones at longer lengths
+        plan.max_seq_len_with_savers = longest_sequence(with_savers(replace(s, mlp_chunk=base.mlp_chunk)), budget)
+        plan.suggestions = suggestions(base, budget, autos)
+        plan.faster = faster(base, budget, autos)
     return plan
 
 
-def faster(s: Setup, budget: int) -> Suggestion | None:
+def faster(base: Setup, budget: int, autos: Autos | None = None) -> Suggestion | None:
     """Turning gradient checkpointing off, when the run fits `budget` without it (what `auto` would do)."""
-    if not s.checkpointing or auto_checkpointing(s, budget):
+    autos = autos or Autos()
+    s = autos.decide(base, budget)
+    off = autos.fixing("training.gradient_checkpointing").decide(replace(base, checkpointing=False), budget)
+    if not s.checkpointing or estimate(off).peak > budget * (1 - AUTO_OFF_HEADROOM):
         return None
     return Suggestion("turn gradient checkpointing off (no recompute: 12-38 % shorter steps measured on CPU)",
-                      ["training.gradient_checkpointing=false"], estimate(replace(s, checkpointing=False)).peak, True)
+                      ["training.gradient_checkpointing=false"], estimate(off).peak, True)
 
 
-def auto_micro_batch(cfg: RunConfig, s: Setup, budget: int) -> tuple[int, int]:
-    """(micro-batch, accumulation) for `micro_batch_size: auto`: the largest micro-batch that fits; with
-    `training.effective_batch_size`, the largest of its divisors that fits, so the effective batch is kept."""
+def auto_micro_batch(cfg: RunConfig, s: Setup, budget: int, processes: int = 1,
+                     rows: int | None = None) -> tuple[int, int]:
+    """(micro-batch, accumulation) for `micro_batch_size: auto`: the largest micro-batch that fits, and no more
+    than a process's share of the `rows` the data has (a larger one would only repeat them); with
+    `training.effective_batch_size`, the largest that fits of the divisors of each process's share of it, so that
+    micro-batch × accumulation × `processes` is the effective batch."""
     t = cfg.training
+    cap = 4096 if rows is None else min(4096, max(1, -(-rows // processes)))
     if t.effective_batch_size is None:
-        return max(1, largest_micro_batch(s, budget)), t.gradient_accumulation_steps
+        return max(1, largest_micro_batch(s, budget, limit=cap)), t.gradient_accumulation_steps
     e = t.effective_batch_size
-    fitting = [m for m in range(1, e + 1)
-               if e % m == 0 and estimate(replace(s, micro_batch=m, accumulation=e // m)).peak <= budget]
+    if e % processes:
+        raise QTrainError(f"training.effective_batch_size: {e} examples per step cannot be shared by the run's "
+                          f"{processes} processes (each takes micro-batch × accumulation of them); set it to a "
+                          f"multiple of {processes}, e.g. {-(-e // processes) * processes}")
+    share = e // processes
+    fitting = [m for m in range(1, min(share, cap) + 1)
+               if share % m == 0 and estimate(replace(s, micro_batch=m, accumulation=share // m)).peak <= budget]
     m = max(fitting, default=1)
-    return m, e // m
+    return m, share // m
 
 
 # `gradient_checkpointing: auto` turns the recompute off only with this share of the budget to spare: it buys
@@ -329,18 +384,18 @@ def render(plan: Plan) -> str:
 
 
 def report(cfg: RunConfig, gpu: str | None = None, budget: str | None = None, model_config: str | None = None,
-           as_json: bool = False, device: str = "cuda", shards: int = 1, data_parallel: bool = False) -> str:
+           as_json: bool = False, device: str = "cuda", shards: int = 1, replicas: int = 1) -> str:
     """What `qtrain plan` prints: the breakdown table and what fits, or the same as JSON."""
     size, source = resolve_budget(cfg, gpu, budget)
-    plan = make_plan(cfg, read_model_config(cfg, model_config), size, source, device, shards, data_parallel)
+    plan = make_plan(cfg, read_model_config(cfg, model_config), size, source, device, shards, replicas)
     return json.dumps(plan.to_dict(), indent=2) if as_json else render(plan)
 
 
 def parallelism(nproc: int | None, fsdp: bool, accelerate_config: str | None) -> tuple[int, bool]:
-    """(how many devices `qtrain plan` divides parameters and optimizer states over, whether the run is one of
-    several data-parallel processes): `--nproc N --fsdp`, or an accelerate config's num_processes when its
-    distributed_type is FSDP (`--nproc` overrides its count), shards over N; data-parallel processes (N without
-    FSDP) each hold everything: 1."""
+    """(how many devices `qtrain plan` divides parameters and optimizer states over, how many data-parallel
+    processes each hold everything): `--nproc N --fsdp`, or an accelerate config's num_processes when its
+    distributed_type is FSDP (`--nproc` overrides its count), shards over N: (N, 1); N processes without FSDP:
+    (1, N)."""
     if accelerate_config:
         import yaml
 
@@ -361,7 +416,7 @@ def parallelism(nproc: int | None, fsdp: bool, accelerate_config: str | None) ->
     if fsdp and not nproc:
         raise QTrainError("--fsdp: give the number of devices to shard over with --nproc N")
     n = max(1, nproc or 1)
-    return (n, False) if fsdp else (1, n > 1)
+    return (n, 1) if fsdp else (1, n)
 
 
 def device_memory(device_type: str) -> int:
@@ -378,22 +433,31 @@ def device_memory(device_type: str) -> int:
 
 
 def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type: str, say=print,
-                         shards: int = 1, data_parallel: bool = False) -> RunConfig:
+                         shards: int = 1, replicas: int = 1, rows: int | None = None) -> RunConfig:
     """What `qtrain run` asks before loading the model: resolve `micro_batch_size: auto`, then
     `gradient_checkpointing: auto`, then the memory savers' `auto` (returns a copy of `cfg` with them set) and
     warn when the prediction exceeds the budget. `shards`: the processes an FSDP run shards over (the prediction
-    is then per device); `data_parallel`: the run is one of several DDP processes."""
+    is then per device); `replicas`: the processes of a data-parallel (DDP) run; `rows`: the training rows
+    (examples, or packed rows), which bound `micro_batch_size: auto`."""
     device = "cuda" if device_type == "cuda" else "cpu"
     setup = functools.partial(setup_from_config, model_cfg=model_cfg, device=device, shards=shards,
-                              data_parallel=data_parallel)
+                              data_parallel=replicas > 1)
     t = cfg.training
+    processes = max(shards, replicas)
+    if t.effective_batch_size is not None and t.micro_batch_size != "auto" and \
+            t.micro_batch_size * t.gradient_accumulation_steps * processes != t.effective_batch_size:
+        raise QTrainError(
+            f"training.effective_batch_size ({t.effective_batch_size}) must equal micro_batch_size "
+            f"({t.micro_batch_size}) × gradient_accumulation_steps ({t.gradient_accumulation_steps}) × processes "
+            f"({processes}) = {t.micro_batch_size * t.gradient_accumulation_steps * processes}; change one of them, "
+            "or set micro_batch_size: auto to have the accumulation derived")
     budget = None if t.memory_budget is None else parse_bytes(t.memory_budget, "training.memory_budget")
     auto = autos(cfg)
     if "auto" in (t.micro_batch_size, t.gradient_checkpointing) or auto:
         limit = budget if budget is not None else device_memory(device)
         limit_text = f"{'training.memory_budget' if budget is not None else 'device memory'} {fmt_bytes(limit)}"
     if t.micro_batch_size == "auto":
-        micro, accumulation = auto_micro_batch(cfg, setup(cfg), limit)
+        micro, accumulation = auto_micro_batch(cfg, setup(cfg), limit, max(shards, replicas), rows)
         cfg = cfg.model_copy(update={"training": t.model_copy(update={
             "micro_batch_size": micro, "gradient_accumulation_steps": accumulation})})
         say(f"qtrain: micro_batch_size auto → {micro} (gradient accumulation {accumulation}, {limit_text})")
@@ -409,6 +473,8 @@ def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type:
     peak = estimate(setup(cfg)).peak
     if budget is not None and peak > budget:
         where = " --device cpu" if device == "cpu" else ""  # plan's default is cuda: other overheads and dtype
+        where += f" --nproc {max(shards, replicas)}" if max(shards, replicas) > 1 else ""
+        where += " --fsdp" if shards > 1 else ""
         print(f"qtrain: warning: the planner predicts a peak of {fmt_bytes(peak)}, over training.memory_budget "
               f"{fmt_bytes(budget)}; `qtrain plan CONFIG --budget {t.memory_budget}{where}` lists changes that fit",
               file=sys.stderr)

@@ -32,10 +32,9 @@ def autos(cfg: RunConfig) -> set[str]:
 
 
 def can_host_embeddings(s: Setup) -> bool:
-    """Input embeddings on the host apply on a GPU to an untied table that no method replaces, one process."""
-    import os
-
-    return (s.device == "cuda" and not s.arch.tie_embeddings and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    """Input embeddings on the host apply on a GPU to an untied table that no method replaces, in a run of one
+    process (the setup's, not this process's: `qtrain plan --nproc N` plans for N)."""
+    return (s.device == "cuda" and not s.arch.tie_embeddings and s.shards == 1 and not s.data_parallel
             and not any(b.method in ("prompt_tuning", "unfreeze") for b in s.blocks))
 
 

@@ -19,7 +19,8 @@ from torch import nn
 from qtrain.arch import Arch
 from qtrain.cli import main
 from qtrain.config import TrainingSection, load_config
-from qtrain.gpus import GPUS, fmt_bytes, parse_bytes
+from qtrain.errors import QTrainError
+from qtrain.gpus import GPUS, fmt_bytes, gpu_profile, parse_bytes
 from qtrain.memory import _layer_gradients, estimate, loss_chunk_tokens, quantized_linear_bytes, setup_from_config
 from qtrain.planner import (auto_checkpointing, auto_micro_batch, check_before_loading, largest_micro_batch,
                             longest_sequence, make_plan, render, suggestions)
@@ -506,3 +507,96 @@ def test_cli_plans_per_device_with_fsdp_or_the_accelerate_config(tmp_path, tiny_
         (tmp_path / "acc.yaml").write_text(text)
         assert main(["plan", str(path), "--accelerate-config", str(tmp_path / "acc.yaml")]) == 2
         assert "is not an accelerate config" in capsys.readouterr().err
+
+
+LLAMA_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "tie_word_embeddings": False}
+CONFIG_8B = Path(__file__).resolve().parents[1] / "configs" / "llama3-8b-24gb.yaml"
+
+
+def test_each_suggestion_is_what_re_planning_the_config_with_it_predicts():
+    """Without checkpointing at 8192 tokens on a T4, `auto` tiles the MLP (and more); at the suggested 1637
+    tokens it would not (1637 tokens are under the tiling threshold), so the suggestion, priced with the savers
+    kept, read 14.99 GiB "fits" where re-planning predicts 26.17 GiB; checkpointing read 11.30 for 13.46 GiB."""
+    over = ["training.gradient_checkpointing=false", "data.max_seq_len=8192"]
+    budget = gpu_profile("T4").usable
+    plan = make_plan(load_config(CONFIG_8B, over), LLAMA_8B, budget, "--gpu T4")
+    assert plan.verdict == "does not fit" and plan.setup.mlp_chunk is not None
+    changes = [x.overrides[0].split("=")[0] for x in plan.suggestions]
+    assert {"data.max_seq_len", "training.gradient_checkpointing"} <= set(changes)
+    for sug in plan.suggestions:
+        again = make_plan(load_config(CONFIG_8B, over + sug.overrides), LLAMA_8B, budget, "--gpu T4")
+        assert (sug.peak, sug.fits) == (again.estimate.peak, again.verdict == "fits"), sug.change
+    longest = make_plan(load_config(CONFIG_8B, over[:1] + [f"data.max_seq_len={plan.max_seq_len}"]), LLAMA_8B,
+                        budget)
+    assert longest.verdict == "fits"  # "sequences up to N tokens": N fits when planned
+
+
+def test_a_plan_for_several_processes_keeps_the_embeddings_on_the_device(tmp_path, monkeypatch, capsys):
+    """Multi-process runs keep the table on the device; `plan --nproc 2` read this process's WORLD_SIZE (unset)
+    and planned host embeddings (1 GiB low), even suggesting them."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    budget = gpu_profile("rtx4090").usable
+    cfg = load_config(CONFIG_8B)
+    one = make_plan(cfg, LLAMA_8B, budget)
+    assert one.setup.host_embeddings  # one process: a 1 GiB table goes to the host
+    for shards, replicas in ((1, 2), (2, 1)):
+        plan = make_plan(cfg, LLAMA_8B, budget, shards=shards, replicas=replicas)
+        assert not plan.setup.host_embeddings and plan.estimate.details["host_embeddings"] == 0
+        assert not any("embeddings" in x.change for x in plan.suggestions)
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
+    assert main(["plan", str(CONFIG_8B), "--model-config", str(tmp_path / "config.json"), "--nproc", "2",
+                 "--gpu", "rtx4090", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["memory_savers"]["embeddings_on_host"] is False and out["setup"]["data_parallel"] is True
+    assert out["peak_bytes"] == make_plan(cfg, LLAMA_8B, budget, replicas=2).estimate.peak > one.estimate.peak
+
+
+def test_auto_micro_batch_shares_the_effective_batch_among_the_processes(tmp_path, tiny_model_dir, dates_file):
+    """effective_batch_size is micro-batch × accumulation × processes: 8 over two processes is 4 each (it was
+    8 × 1 on each, 16 examples a step)."""
+    model_cfg = _model_cfg(tiny_model_dir)
+    cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={
+        "micro_batch_size": "auto", "effective_batch_size": 8, "memory_budget": "10GB", "max_steps": 1})
+    s = setup_from_config(cfg, model_cfg, device="cpu", data_parallel=True)
+    budget = parse_bytes("10GB")
+    assert auto_micro_batch(cfg, s, budget) == (8, 1)
+    assert auto_micro_batch(cfg, s, budget, processes=2) == (4, 1)
+    tight = estimate(replace(s, micro_batch=3)).peak  # 3 fits, 4 does not: 2 × 2 on each process
+    assert auto_micro_batch(cfg, s, tight, processes=2) == (2, 2)
+    with pytest.raises(QTrainError, match=r"effective_batch_size: 8 .* 3 processes.* multiple of 3, e\.g\. 9"):
+        auto_micro_batch(cfg, s, budget, processes=3)
+    resolved = check_before_loading(cfg, model_cfg, "cpu", say=print, replicas=2).training
+    assert (resolved.micro_batch_size, resolved.gradient_accumulation_steps) == (4, 1)
+    for shards, replicas in ((1, 2), (2, 1)):  # qtrain plan --nproc 2 [--fsdp]
+        plan = make_plan(cfg, model_cfg, budget, device="cpu", shards=shards, replicas=replicas)
+        assert (plan.setup.micro_batch, plan.setup.accumulation) == (4, 1)
+    # a fixed micro-batch: the same product, checked where the processes are known (the config cannot know them)
+    fixed = _cfg(tmp_path, tiny_model_dir, dates_file, training={
+        "micro_batch_size": 2, "gradient_accumulation_steps": 2, "effective_batch_size": 8, "max_steps": 1})
+    kept = check_before_loading(fixed, model_cfg, "cpu", say=print, replicas=2).training
+    assert (kept.micro_batch_size, kept.gradient_accumulation_steps, kept.effective_batch_size) == (2, 2, 8)
+    with pytest.raises(QTrainError, match=r"effective_batch_size \(8\) must equal micro_batch_size \(2\) × "
+                                          r"gradient_accumulation_steps \(2\) × processes \(1\) = 4"):
+        check_before_loading(fixed, model_cfg, "cpu", say=print)
+
+
+def test_auto_micro_batch_is_no_larger_than_the_data(tmp_path, tiny_model_dir, dates_file, capsys):
+    """With room for thousands, `auto` took 4096 for a file of 40 examples (every step used all 40, and the
+    summary said 4096): it takes at most a process's share of the training rows."""
+    from qtrain.run import run
+
+    model_cfg = _model_cfg(tiny_model_dir)
+    cfg = _cfg(tmp_path, tiny_model_dir, dates_file, training={
+        "micro_batch_size": "auto", "max_steps": 2, "save_every": None})
+    s = setup_from_config(cfg, model_cfg, device="cpu")
+    assert auto_micro_batch(cfg, s, 1 << 40) == (4096, 1)  # no data known: what the memory allows
+    assert auto_micro_batch(cfg, s, 1 << 40, rows=40) == (40, 1)
+    assert auto_micro_batch(cfg, s, 1 << 40, processes=3, rows=40) == (14, 1)
+    every = cfg.model_copy(update={"training": cfg.training.model_copy(update={"effective_batch_size": 12})})
+    assert auto_micro_batch(every, s, 1 << 40, rows=5) == (4, 3)  # the largest divisor of 12 the rows fill
+    run(cfg)
+    rows = sum(1 for line in dates_file.read_text().splitlines() if line.strip())
+    assert f"micro_batch_size auto → {rows} (" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["micro_batch_size"] == rows
