@@ -48,7 +48,8 @@ from qtrain.locate import model_config_file
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 CUDA_CONTEXT = 512 * MiB  # CUDA context + cuBLAS workspace, outside torch's allocator (typical on CUDA 12)
-CPU_RUNTIME = 480 * MiB  # RSS of Python with torch, transformers, bitsandbytes and accelerate imported
+CPU_RUNTIME = 576 * MiB  # RSS of a `qtrain run` process before its tensors (Python, torch, transformers, bnb,
+# accelerate, datasets, the tokenizer: 578 MiB measured with a 64-wide model, whose tensors are a few MiB)
 BNB_MIN_8BIT = 4096  # bnb keeps optimizer state of tensors smaller than this in 32-bit (min_8bit_size)
 BNB_PAGED_MIN = 100_000  # bnb pages only state tensors of at least this many elements
 BNB_STATE_BLOCK = 256  # bnb's blockwise 8-bit optimizer state: one absmax per this many elements

@@ -165,7 +165,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     from qtrain.arch import Arch
     from qtrain.checkpoint import Checkpointer, check_resumable, check_same_length, resume_point, stop_on_signals
     from qtrain.data import Batches, pack, prepare
-    from qtrain.evaluate import eval_loss, exact_match, forgetting_lines, reference_pairs, score_model
+    from qtrain.evaluate import (eval_loss, exact_match, forgetting_lines, reference_pairs, score_model,
+                                 split_held_out)
     from qtrain.logs import RunLogger
     from qtrain.methods import build_methods
     from qtrain.planner import check_before_loading
@@ -204,8 +205,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         eval_set, eval_stats = prepare(cfg.data.eval, cfg.data, tokenizer, "data.eval")
         say(f"qtrain: data.eval: {eval_stats.line()}")
     elif cfg.data.eval_fraction > 0:
-        split = train_set.train_test_split(test_size=cfg.data.eval_fraction, seed=cfg.training.seed)
-        train_set, eval_set = split["train"], split["test"]
+        train_set, eval_set = split_held_out(train_set, cfg.data.eval_fraction, cfg.training.seed)
         say(f"qtrain: holding out {len(eval_set)} of {stats.examples} training examples for evaluation "
             "(data.eval_fraction)")
     if cfg.data.packing:  # after the eval split: evaluation stays one example per row
@@ -230,7 +230,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
             f"{split['gradient_accumulation_steps']}), as in the checkpoint resumed")
     fused_auto = cfg.training.fused_ops == "auto"
     cfg = check_before_loading(cfg, json.loads((model_path / "config.json").read_text()), device.type, say, shards,
-                               data_parallel=accelerator.num_processes > 1 and not fsdp)
+                               replicas=1 if fsdp else accelerator.num_processes, rows=len(train_set))
     if accelerator.num_processes > 1:  # `auto` read this process's free memory: all train as the main one decided
         cfg = _as_main_decided(cfg, accelerator)
     cfg = compiled.decide(cfg, device.type, bool(fsdp), fused_auto, say)
@@ -323,8 +323,9 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
                 ev.update(exact_match=em["exact_match"], samples=em["samples"][:3])
             logger({"step": record["step"], **ev})
 
+    processes = f" × {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
     say(f"qtrain: training {steps} steps × {cfg.training.gradient_accumulation_steps} × "
-        f"{cfg.training.micro_batch_size} {'packed rows' if cfg.data.packing else 'examples'}")
+        f"{cfg.training.micro_batch_size} {'packed rows' if cfg.data.packing else 'examples'}{processes}")
     compiled_before = compiled.activity()
     try:
         with stop_on_signals(say) as stop:
