@@ -457,7 +457,7 @@ def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type:
         limit = budget if budget is not None else device_memory(device)
         limit_text = f"{'training.memory_budget' if budget is not None else 'device memory'} {fmt_bytes(limit)}"
     if t.micro_batch_size == "auto":
-        micro, accumulation = auto_micro_batch(cfg, setup(cfg), limit, max(shards, replicas), rows)
+        micro, accumulation = auto_micro_batch(cfg, setup(cfg), limit, processes, rows)
         cfg = cfg.model_copy(update={"training": t.model_copy(update={
             "micro_batch_size": micro, "gradient_accumulation_steps": accumulation})})
         say(f"qtrain: micro_batch_size auto → {micro} (gradient accumulation {accumulation}, {limit_text})")
@@ -473,7 +473,7 @@ def check_before_loading(cfg: RunConfig, model_cfg: dict[str, Any], device_type:
     peak = estimate(setup(cfg)).peak
     if budget is not None and peak > budget:
         where = " --device cpu" if device == "cpu" else ""  # plan's default is cuda: other overheads and dtype
-        where += f" --nproc {max(shards, replicas)}" if max(shards, replicas) > 1 else ""
+        where += f" --nproc {processes}" if processes > 1 else ""
         where += " --fsdp" if shards > 1 else ""
         print(f"qtrain: warning: the planner predicts a peak of {fmt_bytes(peak)}, over training.memory_budget "
               f"{fmt_bytes(budget)}; `qtrain plan CONFIG --budget {t.memory_budget}{where}` lists changes that fit",
