@@ -80,7 +80,8 @@ class DataSection(Section):
     prompt_template: Literal["auto", "chat_template", "alpaca"] = "auto"
     """How `instruction` rows become text: the tokenizer's chat template when it has one (`auto`), or Alpaca."""
     system_prompt: str | None = None
-    """For `chat_template` rendering of instruction rows: a system message (None keeps the template's default)."""
+    """A system message for every instruction row and every conversation that has none of its own (None keeps
+    the chat template's default); with the Alpaca template it replaces Alpaca's opening sentence."""
     max_seq_len: PositiveInt = 512
     train_on_prompt: bool = False
     """Compute the loss on the prompt too (default: responses only, end-of-turn token included)."""
@@ -89,6 +90,19 @@ class DataSection(Section):
     packing: bool = False
     """Pack short training examples into rows of up to `max_seq_len` tokens (no example attends to another;
     positions restart per example), so less compute goes to padding; `micro_batch_size` then counts rows."""
+
+    @model_validator(mode="after")
+    def _templates_that_apply(self) -> "DataSection":
+        if self.format == "text" and self.system_prompt is not None:
+            raise ValueError("data.system_prompt: a text row is trained on as it stands, with no prompt to put a "
+                             "system message in; remove system_prompt, or give the rows as format: instruction or "
+                             "chat")
+        if self.format != "instruction" and self.prompt_template != "auto":
+            raise ValueError(f"data.prompt_template: {self.prompt_template!r} chooses how instruction rows are "
+                             f"written, and data.format is {self.format!r} "
+                             + ("(a conversation always goes through the chat template)" if self.format == "chat"
+                                else "(a text row is trained on as it stands)") + "; remove prompt_template")
+        return self
 
 
 class EvalSection(Section):

@@ -94,7 +94,7 @@ def _csv_as_text(p: Path) -> dict[str, Any]:
 
     import datasets
 
-    with open(p, newline="", encoding="utf-8") as f:
+    with open(p, newline="", encoding="utf-8-sig") as f:  # a byte-order mark (Excel's "CSV UTF-8") is not a name
         header = next(csv.reader(f), [])
     return {"features": datasets.Features({c: datasets.Value("string") for c in header}), "keep_default_na": False}
 
@@ -110,28 +110,36 @@ def _not_utf8(p: Path) -> DataError:
     return DataError(f"{p}: not UTF-8 text; save the file as UTF-8")
 
 
-def _from_rows(rows: list[dict[str, Any]], lines: list[int], p: Path):
+def where(source: str, index: int, lines: list[int] | None) -> str:
+    """Row `index` of a data file as an error names it: `file:line` where lines are known (JSONL), else its
+    1-based number among the examples (a JSON array, CSV, Parquet, a saved dataset)."""
+    return f"{source}:{lines[index]}" if lines else f"{source}, example {index + 1}"
+
+
+def _from_rows(rows: list[dict[str, Any]], lines: list[int] | None, p: Path):
     import datasets
 
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # every row's fields, not only the first row's
     try:
-        return datasets.Dataset.from_list(rows)
+        return datasets.Dataset.from_list([{k: row.get(k) for k in keys} for row in rows])
     except Exception:  # pyarrow could not unify a column's types: find the first row that differs
         first: dict[str, type] = {}
-        for row, n in zip(rows, lines):
+        for i, row in enumerate(rows):
             for k, v in row.items():
                 if v is None:
                     continue
                 if first.setdefault(k, type(v)) is not type(v):
-                    raise DataError(f"{p}:{n}: field {k!r} is {type(v).__name__} where earlier rows have "
-                                    f"{first[k].__name__}; make the column one type") from None
+                    raise DataError(f"{where(str(p), i, lines)}: field {k!r} is {type(v).__name__} where earlier "
+                                    f"rows have {first[k].__name__}; make the column one type") from None
         raise DataError(f"{p}: the rows could not be combined into a table; check that each field has one type") \
             from None
 
 
-def _read_json(p: Path) -> tuple[list[dict[str, Any]], list[int]]:
-    """Parse a JSON array or JSONL file; rows and their line numbers (a malformed row is named by its line)."""
+def _read_json(p: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """Parse a JSON array or JSONL file; rows and their line numbers (a malformed row is named by its line).
+    Lines end at "\n" (or "\r\n") only: U+2028 and its kind are text inside a JSON string, not line ends."""
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad, PowerShell) is not content
     except UnicodeDecodeError:
         raise _not_utf8(p) from None
     if text.lstrip().startswith("["):
@@ -141,14 +149,17 @@ def _read_json(p: Path) -> tuple[list[dict[str, Any]], list[int]]:
             raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise DataError(f"{p}: a JSON array of objects is expected (one object per example)")
-        return rows, list(range(1, len(rows) + 1))
+        return rows, None
     rows, lines = [], []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            if not rows and isinstance(_json_or_none(text), dict):  # one object over several lines
+                raise DataError(f"{p}: holds one JSON object; give one example per object, as a JSON array of "
+                                "objects ([{...}, {...}]) or one object per line (JSONL)") from None
             raise DataError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove that line") \
                 from None
         if not isinstance(row, dict):
@@ -158,6 +169,13 @@ def _read_json(p: Path) -> tuple[list[dict[str, Any]], list[int]]:
     if not rows:
         raise DataError(f"{p}: no examples in the file; it needs at least one JSON object per line")
     return rows, lines
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -191,14 +209,15 @@ class Formatter:
         return self.cfg.format == "chat" or (self.cfg.format == "instruction" and self.use_chat)
 
     def where(self, index: int, lines: list[int] | None) -> str:
-        return f"{self.source}:{lines[index]}" if lines else f"{self.source} row {index}"
+        return where(self.source, index, lines)
 
     def field(self, row: dict[str, Any], name: str, where: str, required: bool = True) -> str:
         value = row.get(name)
         if value is None:
             if required:
+                given = sorted(k for k, v in row.items() if v is not None)  # a table gives every row every column
                 raise DataError(f"{where}: missing field {name!r} (data.fields maps your column names; "
-                                f"this row has {sorted(row)})")
+                                f"this row has {given})")
             return ""
         if not isinstance(value, str):
             raise DataError(f"{where}: field {name!r} must be text, got {type(value).__name__}")
@@ -219,11 +238,11 @@ class Formatter:
     def instruction_prompt(self, row: dict[str, Any], where: str) -> str:
         """The prompt text of an instruction row (for generation), without the answer."""
         if self.use_chat:
-            return self.tok.apply_chat_template(self._instruction_messages(row, where), tokenize=False,
-                                                add_generation_prompt=True)
+            return self.render(self._instruction_messages(row, where), where, add_generation_prompt=True)
         f = self.cfg.fields
         instruction, extra = self.field(row, f.instruction, where), self.field(row, f.input, where, required=False)
-        head = _ALPACA_HEAD.format(extra=", paired with an input that provides further context" if extra else "")
+        head = f"{self.cfg.system_prompt}\n\n" if self.cfg.system_prompt else \
+            _ALPACA_HEAD.format(extra=", paired with an input that provides further context" if extra else "")
         body = f"### Instruction:\n{instruction}\n\n" + (f"### Input:\n{extra}\n\n" if extra else "")
         return head + body + "### Response:\n"
 
@@ -243,24 +262,49 @@ class Formatter:
                 raise DataError(f"{where}: every message needs text 'role' and 'content', got {m!r}")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{where}: the conversation has no assistant message to learn from")
+        if self.cfg.system_prompt and msgs[0]["role"] != "system":  # the default for rows that bring none
+            return [{"role": "system", "content": self.cfg.system_prompt}] + msgs
         return msgs
 
+    def render(self, msgs: list[dict[str, str]], where: str, add_generation_prompt: bool = False) -> str:
+        """`msgs` through the chat template, as text. Templates refuse what their model was not trained on
+        (Mistral's and Llama-2's: a system message, roles that do not alternate); that is the row's error."""
+        try:
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:
+            system = (" (data.system_prompt adds a system message to every row: leave it unset for this model)"
+                      if self.cfg.system_prompt and self.cfg.format == "instruction" else "")
+            raise DataError(f"{where}: this model's chat template refused the conversation ({type(e).__name__}: "
+                            f"{e}); give conversations in the form it accepts, such as user and assistant turns "
+                            f"that alternate{system}") from None
+
     def _chat_segments(self, msgs: list[dict[str, str]], where: str) -> list[tuple[str, bool]]:
-        render = self.tok.apply_chat_template
         segs, done = [], ""
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            before = render(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            upto = render(msgs[:i + 1], tokenize=False)
+            before = self.render(msgs[:i], where, add_generation_prompt=True) if i else self.opening(m, where)
+            upto = self.render(msgs[:i + 1], where)
             if not (before.startswith(done) and upto.startswith(before)):
                 raise DataError(f"{where}: " + self._no_chat_template(
                     "this tokenizer's chat template does not render a conversation's start as a prefix of the "
                     "whole, so responses cannot be masked"))
             segs += [(before[len(done):], False), (upto[len(before):], True)]
             done = upto
-        rest = render(msgs, tokenize=False)[len(done):]
+        rest = self.render(msgs, where)[len(done):]
         return segs + ([(rest, False)] if rest else [])
+
+    def opening(self, first: dict[str, str], where: str) -> str:
+        """What the template writes before the text of a conversation's first message when that message is the
+        assistant's: a default system prompt, the BOS token, the role header. Found by rendering the message with
+        a marker for its text; an empty conversation would not show what the template adds to a first turn."""
+        marker = "\u2063qtrain\u2063"  # invisible separators: in no real message
+        shown = self.render([{**first, "content": marker}], where)
+        if marker not in shown:
+            raise DataError(f"{where}: " + self._no_chat_template(
+                "this tokenizer's chat template does not write a conversation's first message as given, so "
+                "responses cannot be masked"))
+        return shown[:shown.index(marker)]
 
 
 # ------------------------------------------------------------------------------------------------ tokenizing
@@ -315,8 +359,9 @@ def prepare(path: str, cfg: DataSection, tokenizer, key: str) -> tuple[Any, Data
 
     encoded = rows.map(encode, with_indices=True, remove_columns=rows.column_names, keep_in_memory=True,
                        load_from_cache_file=False, desc=None)
-    stats = DataStats(truncated=sum(encoded["truncated"]))
     keep = [i for i, lab in enumerate(encoded["labels"]) if any(t != IGNORE_INDEX for t in lab[1:])]
+    truncated = encoded["truncated"]
+    stats = DataStats(truncated=sum(truncated[i] for i in keep))  # of the examples kept: the others are skipped
     stats.all_masked = len(encoded) - len(keep)
     if not keep:
         raise DataError(f"{key}: no example in {path!r} has a response token left to learn from after "

@@ -23,6 +23,7 @@ from torch import nn
 
 from qtrain.config import DataSection, RunConfig
 from qtrain.data import Formatter, _adds_bos, collate, load_rows
+from qtrain.errors import DataError
 from qtrain.methods import prepare_inputs
 from qtrain.train import batch_loss_sum, host_inputs, to_device, without_right_padding_mask
 from qtrain.numerics import count_targets
@@ -48,6 +49,12 @@ def eval_loss(model: nn.Module, dataset, micro_batch_size: int, pad_id: int, chu
 def split_held_out(train_set, fraction: float, seed: int) -> tuple[Any, Any]:
     """(train rows, held-out rows) of a prepared data.train, as `data.eval_fraction` splits it. Seeded by
     training.seed, so `qtrain eval` recomputes exactly the rows the run held out."""
+    n = len(train_set)
+    held = math.ceil(fraction * n)  # as `train_test_split` rounds a fraction
+    if held < 1 or held >= n:
+        raise DataError(f"data.eval_fraction: {fraction} of the {n} usable training examples leaves "
+                        f"{n - held} for training and {held} for evaluation, and each needs at least one; give more "
+                        "examples, a smaller eval_fraction, or a separate data.eval file")
     split = train_set.train_test_split(test_size=fraction, seed=seed)
     return split["train"], split["test"]
 
@@ -64,7 +71,8 @@ def reference_pairs(path: str, cfg: DataSection, tokenizer, limit: int) -> list[
         elif cfg.format == "chat":
             msgs = fmt._messages(row, where)
             last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
-            prompt = tokenizer.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+            prompt = fmt.render(msgs[:last], where, add_generation_prompt=True) if last else \
+                fmt.opening(msgs[0], where)  # what the model was trained to answer from
             pairs.append((prompt, msgs[last]["content"]))
     return pairs
 

@@ -7,6 +7,7 @@ taken before truncation, so they show how many examples `data.max_seq_len` cuts.
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 from typing import Any
@@ -38,7 +39,7 @@ def mark_trained(tokenizer, input_ids: list[int], labels: list[int], color: bool
 
 def length_stats(lengths: list[int], max_len: int) -> dict[str, Any]:
     ordered = sorted(lengths)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    pick = lambda q: ordered[max(0, math.ceil(q * len(ordered)) - 1)]  # noqa: E731  (nearest rank)
     return {"examples": len(lengths), "min": ordered[0], "mean": round(statistics.fmean(ordered), 1),
             "p50": pick(0.5), "p90": pick(0.9), "max": ordered[-1],
             "over_max_seq_len": sum(n > max_len for n in lengths), "max_seq_len": max_len}

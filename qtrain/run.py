@@ -38,9 +38,10 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "adapter", "checkpo
              "report.md", "report.png")
 
 
-def prepare_output_dir(cfg: RunConfig, overwrite: bool, resume_step: int | None = None) -> Path:
-    """Make `output.dir` ready. A folder holding files is refused, unless the run is resumed (its metrics are
-    cut back to the checkpoint's step) or `overwrite` is given (the previous run's files are removed)."""
+def check_output_dir(cfg: RunConfig, overwrite: bool, resume_step: int | None = None) -> bool:
+    """Whether `output.dir` holds a run that this one replaces (with `overwrite`); a folder holding files is
+    refused unless the run is resumed or `overwrite` is given. Checked first; nothing is removed until the run is
+    ready to train (`prepare_output_dir`), so a data or memory error leaves the earlier run whole."""
     from qtrain.checkpoint import step_dirs
 
     out = Path(cfg.output.dir).expanduser()
@@ -48,12 +49,19 @@ def prepare_output_dir(cfg: RunConfig, overwrite: bool, resume_step: int | None 
         raise QTrainError(f"output.dir: {out} is a file; choose a folder path")
     # Empty, or only the config of a run that failed before its first step: no run to protect.
     holds_run = out.is_dir() and not {f.name for f in out.iterdir()} <= {"config.yaml"}
-    if resume_step is None and holds_run:
-        if not overwrite:
-            saved = step_dirs(out / "checkpoints")
-            hint = f"continue it with --resume (its newest checkpoint is {saved[0].name}), " if saved else ""
-            raise QTrainError(f"output.dir: {out} already holds files (another run?); {hint}choose a new "
-                              "output.dir, or pass --overwrite to replace that run's files")
+    if resume_step is None and holds_run and not overwrite:
+        saved = step_dirs(out / "checkpoints")
+        hint = f"continue it with --resume (its newest checkpoint is {saved[0].name}), " if saved else ""
+        raise QTrainError(f"output.dir: {out} already holds files (another run?); {hint}choose a new "
+                          "output.dir, or pass --overwrite to replace that run's files")
+    return resume_step is None and holds_run
+
+
+def prepare_output_dir(cfg: RunConfig, overwrite: bool, resume_step: int | None = None) -> Path:
+    """Make `output.dir` ready (`check_output_dir` first): the replaced run's files removed, or a resumed run's
+    metrics cut back to the checkpoint's step; the resolved config written."""
+    out = Path(cfg.output.dir).expanduser()
+    if check_output_dir(cfg, overwrite, resume_step):
         for name in RUN_FILES:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -192,8 +200,10 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         raise QTrainError("--resume continues the run in output.dir and --overwrite deletes it; pass one of them")
     ckpt = resume_point(Path(cfg.output.dir).expanduser(), resume, say) if resume else None
     # --resume with nothing to resume from (`resume_point` allowed it): what is there goes, as under --overwrite
-    out = prepare_output_dir(cfg, overwrite or bool(resume and ckpt is None), ckpt.step if ckpt else None) \
-        if main else Path(cfg.output.dir).expanduser()
+    replace = overwrite or bool(resume and ckpt is None)
+    if main:  # refused now; emptied only once the data, the model and the plan have passed (below)
+        check_output_dir(cfg, replace, ckpt.step if ckpt else None)
+    asked = cfg  # what config.yaml keeps: `auto` as written, not as decided below
     seed_everything(cfg.training.seed)
 
     model_path = resolve_model_path(cfg.model)
@@ -302,6 +312,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     if ckpt:
         check_same_length(ckpt, steps, cfg.training.lr_scheduler, allow_config_change, say)
         say(f"qtrain: resuming from {ckpt.path} (step {ckpt.step} of {steps})")
+    out = prepare_output_dir(asked, replace, ckpt.step if ckpt else None) if main \
+        else Path(cfg.output.dir).expanduser()
     checkpoints = Checkpointer(out / "checkpoints", params, cfg.to_dict(), cfg.fingerprint(),
                                cfg.training.save_every, cfg.training.keep_last, resume_from=ckpt, writer=main,
                                say=say)

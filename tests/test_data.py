@@ -55,7 +55,8 @@ def test_chat_format_trains_every_assistant_turn(tokenizer, tmp_path):
 def test_truncation_is_counted_and_fully_masked_rows_skipped(tokenizer, dates_file):
     # Prompts take 35-41 tokens here: at 40, every row is cut and some lose their whole answer.
     ds, stats = prepare(str(dates_file), DataSection(train=str(dates_file), max_seq_len=40), tokenizer, "x")
-    assert stats.truncated == 8 and 0 < stats.all_masked < 8 and stats.examples == 8 - stats.all_masked
+    assert 0 < stats.all_masked < 8 and stats.examples == 8 - stats.all_masked
+    assert stats.truncated == stats.examples  # every kept example was cut; the skipped ones count as skipped
     assert all(len(x) == 40 for x in ds["input_ids"])
     with pytest.raises(DataError, match="no example .* has a response token"):
         prepare(str(dates_file), DataSection(train=str(dates_file), max_seq_len=5), tokenizer, "data.train")
@@ -100,6 +101,80 @@ def test_bad_files_name_file_and_line(tokenizer, tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(DataError, match=message):
         prepare(str(path), DataSection(train=str(path)), tokenizer, "data.train")
+
+
+def test_a_field_the_first_row_leaves_out_is_read_from_the_rows_that_have_it(tokenizer, tmp_path):
+    """Alpaca-style files often leave out an empty `input`; the table is built from every row's fields."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"instruction": "Say hi.", "output": "hi"}) + "\n" + json.dumps(
+        {"instruction": "Rewrite the date.", "input": "March 3, 2021", "output": "2021-03-03"}) + "\n")
+    ds, _ = prepare(str(path), DataSection(train=str(path)), tokenizer, "data.train")
+    assert "Rewrite the date.\n\nMarch 3, 2021<|im_end|>" in tokenizer.decode(ds[1]["input_ids"])
+    assert "Say hi.<|im_end|>" in tokenizer.decode(ds[0]["input_ids"])
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv"])
+def test_files_saved_with_a_byte_order_mark_read_as_without(tokenizer, tmp_path, kind):
+    """Notepad, PowerShell and Excel's "CSV UTF-8" begin UTF-8 files with a byte-order mark."""
+    row = {"instruction": "Rewrite.", "input": "March 3, 2021", "output": "2021-03-03"}
+    path = tmp_path / f"d.{kind}"
+    text = {"jsonl": json.dumps(row) + "\n", "json": json.dumps([row]),
+            "csv": "instruction,input,output\r\nRewrite.,\"March 3, 2021\",2021-03-03\r\n"}[kind]
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    ds, _ = prepare(str(path), DataSection(train=str(path)), tokenizer, "data.train")
+    assert trained_text(tokenizer, ds[0]) == "2021-03-03<|im_end|>\n"
+
+
+def test_a_jsonl_line_ends_at_a_newline_only(tokenizer, tmp_path):
+    """U+2028, U+2029 and U+0085 are text inside a JSON string (written raw with ensure_ascii=False): they
+    neither split a row nor shift the line numbers of the rows after them."""
+    path = tmp_path / "d.jsonl"
+    rows = [{"instruction": "Rewrite.\u2028Now.\u2029\u0085", "output": "2021-03-03"}, {"instruction": "x"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:1]), encoding="utf-8")
+    ds, _ = prepare(str(path), DataSection(train=str(path)), tokenizer, "data.train")
+    assert "Rewrite.\u2028Now.\u2029\u0085" in tokenizer.decode(ds[0]["input_ids"])
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.jsonl:2: missing field 'output'"):
+        prepare(str(path), DataSection(train=str(path)), tokenizer, "data.train")
+
+
+# as SmolLM2's: a default system prompt when the conversation brings none
+DEFAULT_SYSTEM = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe nice."
+                  "<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, DEFAULT_SYSTEM], ids=["chatml", "default_system_prompt"])
+def test_a_conversation_opened_by_the_assistant_trains_on_its_turns_alone(tokenizer, tmp_path, template):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template or tok.chat_template
+    path = tmp_path / "chat.jsonl"
+    msgs = [{"role": "assistant", "content": "How can I help?"}, {"role": "user", "content": "Date?"},
+            {"role": "assistant", "content": "2021"}]
+    path.write_text(json.dumps({"messages": msgs}) + "\n")
+    ex = prepare(str(path), DataSection(train=str(path), format="chat"), tok, "data.train")[0][0]
+    assert trained_text(tok, ex) == "How can I help?<|im_end|>\n2021<|im_end|>\n"  # no preamble, no role header
+    assert tok.decode(ex["input_ids"]).startswith("<|im_start|>" if template is None else "<|im_start|>system\nBe")
+    whole = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"] == whole  # the conversation as the template writes it, nothing added or lost
+
+
+def test_system_prompt_applies_to_every_format_with_a_prompt(tokenizer, dates_file, tmp_path):
+    """Conversations without a system message of their own get it; the Alpaca template opens with it."""
+    path = tmp_path / "chat.jsonl"
+    msgs = [{"role": "user", "content": "March 3"}, {"role": "assistant", "content": "2021-03-03"}]
+    path.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps(
+        {"messages": [{"role": "system", "content": "Mine."}, *msgs]}) + "\n")
+    ds, _ = prepare(str(path), DataSection(train=str(path), format="chat", system_prompt="Be brief."), tokenizer, "x")
+    assert tokenizer.decode(ds[0]["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user")
+    assert tokenizer.decode(ds[1]["input_ids"]).startswith("<|im_start|>system\nMine.<|im_end|>\n<|im_start|>user")
+    alpaca = DataSection(train=str(dates_file), prompt_template="alpaca", system_prompt="Be brief.")
+    ds, _ = prepare(str(dates_file), alpaca, tokenizer, "x")
+    assert tokenizer.decode(ds[0]["input_ids"]).startswith("Be brief.\n\n### Instruction:\n")
+    with pytest.raises(ValueError, match=r"data\.system_prompt: a text row is trained on as it stands"):
+        DataSection(train="x", format="text", system_prompt="Be brief.")
 
 
 def test_missing_file_and_bad_extension(tokenizer, tmp_path):
@@ -153,11 +228,12 @@ def test_an_unusable_chat_template_names_the_fix_that_fits_the_format(tokenizer,
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "March 3"},
                                              {"role": "assistant", "content": "2021-03-03"}]}) + "\n")
-    for prompt_template in ("auto", "alpaca"):  # alpaca does not apply to chat rows: the same error
-        with pytest.raises(DataError, match=r"data\.format: 'chat' renders every conversation with the chat "
-                                            r"template.*give the rows as data\.format: instruction"):
-            prepare(str(chat), DataSection(train=str(chat), format="chat", prompt_template=prompt_template), tok,
-                    "data.train")
+    with pytest.raises(DataError, match=r"data\.format: 'chat' renders every conversation with the chat "
+                                        r"template.*give the rows as data\.format: instruction"):
+        prepare(str(chat), DataSection(train=str(chat), format="chat"), tok, "data.train")
+    with pytest.raises(ValueError, match=r"data\.prompt_template: 'alpaca' chooses how instruction rows are "
+                                         r"written, and data\.format is 'chat' .*; remove prompt_template"):
+        DataSection(train=str(chat), format="chat", prompt_template="alpaca")  # it would change nothing
     instruction = "chat_template" if template is None else "auto"  # what uses the template for instruction rows
     with pytest.raises(DataError, match=rf"data\.prompt_template: '{instruction}' renders instruction rows with the "
                                         r"chat template.*; set data\.prompt_template: alpaca$"):

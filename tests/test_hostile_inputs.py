@@ -90,6 +90,31 @@ def test_hostile_inputs_fail_with_a_named_error_and_damage_nothing(tiny_model_di
                                            ["../../secret", "trainable.safetensors", "optimizer.safetensors",
                                             "optimizer.json", "rng.safetensors", "state.json"]}}))
     (tmp_path / "secret").write_text("do not read")
+    # --overwrite replaces a run only once the new one is ready to train: bad data leaves the old one whole
+    case("overwrite_with_bad_data", "--overwrite", data=jsonl(tmp_path / "bad2.jsonl", ['{"instruction": ']),
+         expect=r"bad2\.jsonl:1: not valid JSON")
+    old = tmp_path / "overwrite_with_bad_data" / "run"
+    (old / "adapter").mkdir(parents=True)
+    (old / "adapter" / "adapter_model.safetensors").write_bytes(b"trained for days")
+    (old / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    strict = model_variant(tiny_model_dir, tmp_path / "strict-template-model")  # as Mistral's and Llama-2's
+    (strict / "chat_template.jinja").write_text(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + (tiny_model_dir / "chat_template.jinja").read_text())
+    case("chat_template_refuses_the_row", "--set=data.system_prompt=Be brief.", model=strict,
+         expect=r"good\.jsonl:1: this model's chat template refused the conversation \(TemplateError: System role "
+                r"not supported\).*data\.system_prompt adds a system message to every row: leave it unset")
+    case("eval_fraction_of_one_example", "--set=data.eval_fraction=0.3", data=jsonl(tmp_path / "one.jsonl", ROWS[:1]),
+         expect=r"data\.eval_fraction: 0\.3 of the 1 usable training examples leaves 0 for training and 1 for "
+                r"evaluation.*a separate data\.eval file")
+    pretty = tmp_path / "object.json"
+    pretty.write_text(json.dumps(ROWS[0], indent=2))
+    case("json_object_not_rows", data=pretty, expect=r"object\.json: holds one JSON object; give one example per "
+                                                     r"object, as a JSON array")
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([ROWS[0], {"instruction": "x", "input": "y"}], indent=2))
+    case("json_array_row_missing_a_field", data=array,  # named by its place among the examples, not a line
+         expect=r"array\.json, example 2: missing field 'output' \(.*this row has \['input', 'instruction'\]\)")
     case("tokenizer_without_pad_token", model=model_variant(
         tiny_model_dir, tmp_path / "nopad-model", edit_tokenizer=lambda t: t.pop("pad_token")), expect=None)
 
@@ -107,11 +132,24 @@ def test_hostile_inputs_fail_with_a_named_error_and_damage_nothing(tiny_model_di
             assert code == 0, f"{name}: {stderr}"
             continue
         assert code == 2 and re.search(expect, stderr, re.S), f"{name}: exit {code}: {stderr}"
-        if name != "output_dir_of_another_run":  # a failed run leaves no run behind to block the next one
+        if name not in ("output_dir_of_another_run", "overwrite_with_bad_data"):  # a failed run leaves no run behind
             assert not (folder / "run").exists() or {p.name for p in (folder / "run").iterdir()} <= {"config.yaml"}
     after = snapshot(tmp_path)
     assert {p: after.get(p) for p in before} == before  # nothing that was on disk changed
     assert not (tmp_path / "PWNED").exists()  # the model's own code never ran
+
+
+def test_output_read_by_a_reader_that_went_away_ends_quietly(tiny_model_dir, dates_file, tmp_path):
+    """`qtrain data … | head`: the reader closes the pipe; qtrain stops as `cat` would, without a traceback."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte
+    proc = subprocess.run([sys.executable, "-m", "qtrain", "data", str(write_config(tmp_path, tiny_model_dir,
+                                                                                    dates_file)), "--show", "2"],
+                          stdout=write, stderr=subprocess.PIPE, text=True, timeout=600)
+    os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
 
 
 def qtrain(args, capsys) -> tuple[int, str]:
@@ -188,7 +226,7 @@ def test_examples_with_nothing_to_learn_are_counted_and_skipped(tmp_path):
     long_prompt = {"instruction": "Rewrite the date. " * 40, "input": "x", "output": "2021-01-01"}
     path = jsonl(tmp_path / "mixed.jsonl", [*ROWS, long_prompt])
     dataset, stats = prepare(str(path), DataSection(train="x", max_seq_len=48), make_tokenizer(), "data.train")
-    assert (stats.examples, stats.all_masked, stats.truncated) == (4, 1, 1) and len(dataset) == 4
+    assert (stats.examples, stats.all_masked, stats.truncated) == (4, 1, 0) and len(dataset) == 4  # cut, then skipped
     assert "1 skipped with nothing to learn" in stats.line()
 
 

@@ -109,7 +109,7 @@ rows = st.lists(st.one_of(row, row, row, st.dictionaries(st.sampled_from(["instr
 def test_prepare_accepts_or_explains_any_rows(tokenizer, rows, fmt, template, max_len):
     from qtrain.data import prepare
 
-    if fmt == "chat":
+    if fmt != "instruction":  # prompt_template applies to instruction rows alone (the config refuses it otherwise)
         template = "auto"
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "rows.jsonl"

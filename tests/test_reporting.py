@@ -27,6 +27,8 @@ def test_length_stats_count_what_max_seq_len_cuts():
     s = length_stats([10, 20, 30, 40, 100], max_len=35)
     assert (s["min"], s["max"], s["p50"], s["over_max_seq_len"]) == (10, 100, 30, 2)
     assert s["mean"] == 40.0
+    s = length_stats(list(range(1, 11)), max_len=5)  # nearest rank: the median is the 5th of 10, p90 the 9th
+    assert (s["p50"], s["p90"], s["max"]) == (5, 9, 10)
 
 
 def test_preview_of_a_config(tiny_model_dir, dates_file, tmp_path):
