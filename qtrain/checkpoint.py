@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -51,6 +52,8 @@ RESUME_SAFE_KEYS = ("logging", "output", "eval", "data.eval", "training.save_eve
                     "training.log_every", "training.max_bad_steps", "training.eval_every", "training.memory_budget",
                     # the same bytes either way (qtrain.offload): where a tensor waits is not the maths
                     "training.activation_offload", "model.embeddings_on_host")
+# A checkpoint's optimizer state is one optimizer's layout: no other can take it, --allow-config-change or not.
+UNCHANGEABLE_KEYS = ("training.optimizer",)
 # The run's length sets the cosine/linear decay, so it may change only under a constant schedule.
 LENGTH_KEYS = ("training.max_steps", "training.epochs")
 
@@ -154,7 +157,8 @@ def write_checkpoint(root: Path, progress: Progress, params: dict[str, torch.Ten
         (tmp / "optimizer.json").write_text(json.dumps(structure))
         rng, rng_tensors = _rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        state = {"format": FORMAT, "step": progress.step, "losses": progress.losses, "tokens": progress.tokens,
+        state = {"format": FORMAT, "step": progress.step, "tokens": progress.tokens,
+                 "losses": [x if math.isfinite(x) else None for x in progress.losses],  # JSON has no NaN
                  "skipped": progress.skipped, "seconds": progress.seconds, "data": data_position, "rng": rng,
                  **extra}
         (tmp / "state.json").write_text(json.dumps(state))
@@ -299,6 +303,11 @@ def check_resumable(ckpt: Checkpoint, config: dict[str, Any], fingerprint: str, 
     changed = config_changes(ckpt.state.get("config", {}), config)
     if not changed:
         return
+    for key, old, new in changed:
+        if key in UNCHANGEABLE_KEYS:
+            raise CheckpointError(f"--resume: {ckpt.path} holds the state of {key}: {old!r}, which {new!r} cannot "
+                                  f"take, even under --allow-config-change; resume with {key}: {old!r}, or start a "
+                                  "new run in another output.dir")
     listed = "; ".join(f"{k}: {old!r} → {new!r}" for k, old, new in changed)
     if allow_change:
         say(f"qtrain: resuming under a changed config ({listed}); the result will differ from an uninterrupted run")
@@ -340,6 +349,24 @@ def resume_point(out: Path, resume: str, say: Callable[[str], None] = print) -> 
         if ckpt is None:
             raise CheckpointError(f"--resume: no valid checkpoint in {path}")
     return ckpt
+
+
+def check_trainable_matches(ckpt: Checkpoint, params: dict[str, nn.Parameter]) -> None:
+    """Refuse a checkpoint whose trainable tensors are not this run's, by name and shape (another rank, other
+    target modules, another base), before the run folder is touched; `Checkpointer.restore` would fail later."""
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt.path / "trainable.safetensors"), "pt") as f:
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    missing, extra = sorted(set(params) - set(shapes)), sorted(set(shapes) - set(params))
+    if missing or extra:
+        raise CheckpointError(f"--resume: {ckpt.path}: its trainable parameters do not match this run's (missing "
+                              f"{missing[:3]}, unexpected {extra[:3]}); resume with the config that wrote it")
+    other = [(n, shapes[n], tuple(p.shape)) for n, p in params.items() if shapes[n] != tuple(p.shape)]
+    if other:
+        listed = "; ".join(f"{n}: {a} there, {b} here" for n, a, b in other[:3])
+        raise CheckpointError(f"--resume: {ckpt.path}: {len(other)} trainable tensors have other shapes than "
+                              f"this run's ({listed}); resume with the config (peft rank, model) that wrote it")
 
 
 def check_same_length(ckpt: Checkpoint, total_steps: int, lr_scheduler: str, allow_change: bool,
@@ -420,7 +447,8 @@ class Checkpointer:
         batches.restore(ckpt.state["data"])
         _set_rng_state(ckpt.state["rng"], load_file(str(ckpt.path / "rng.safetensors")))
         s = ckpt.state
-        return Progress(step=s["step"], losses=list(s["losses"]), tokens=s["tokens"], skipped=s["skipped"],
+        losses = [math.nan if x is None else x for x in s["losses"]]  # a skipped step's, as the loop keeps it
+        return Progress(step=s["step"], losses=losses, tokens=s["tokens"], skipped=s["skipped"],
                         seconds=s["seconds"])
 
 

@@ -128,15 +128,15 @@ class TrainingSection(Section):
     memory_budget: int | str | None = None
     """Memory the run may use, e.g. "24GB", "11.5GiB" or bytes: `qtrain run` warns when the planner predicts more."""
     max_steps: PositiveInt | None = None
-    epochs: Annotated[float, Field(gt=0)] | None = None
+    epochs: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     learning_rate: Annotated[float, Field(gt=0, lt=1)] = 2e-4
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: NonNegInt = 0
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: Annotated[float, Field(gt=0)] = 1e-8
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    adam_eps: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-8
     gradient_checkpointing: bool | Literal["auto"] = True
     """Recompute each layer's activations in backward instead of keeping them (less memory, ~20-30 % slower);
     `auto`: off when the planner predicts the run fits `memory_budget` (or the device's memory) without it with
@@ -164,7 +164,7 @@ class TrainingSection(Section):
     silu·up itself). `auto`: on on a CUDA GPU unless the tiled MLP is needed or the model is sharded (FSDP); off
     on CPU. A tiny function is compiled first: where that fails, `auto` stays off and says why, `true` is
     refused."""
-    seed: int = 42
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 42  # what numpy's generator takes
     log_every: PositiveInt = 1
     eval_every: PositiveInt | None = None
     """Every N optimizer steps: eval loss/perplexity on the eval data (and exact match, see eval.during_training)."""
@@ -246,7 +246,7 @@ class LoggingSection(Section):
 
 
 class OutputSection(Section):
-    dir: str = "runs/qtrain"
+    dir: Annotated[str, Field(min_length=1)] = "runs/qtrain"
 
 
 def _method_of(block: Any) -> Any:
@@ -281,6 +281,14 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _eval_data_for_eval_every(self) -> "RunConfig":
+        if self.training.eval_every is not None and not self.data.eval and not self.data.eval_fraction:
+            raise ValueError(f"training.eval_every: {self.training.eval_every} evaluates on data.eval or on the "
+                             "examples data.eval_fraction holds out, and neither is set; set one of them, or remove "
+                             "eval_every")
+        return self
+
+    @model_validator(mode="after")
     def _one_block_of_virtual_tokens(self) -> "RunConfig":
         for method in ("prompt_tuning", "prefix_tuning"):  # one input embedding / one key/value prefix per model
             where = [i for i, b in enumerate(self.peft) if b.method == method]
@@ -290,6 +298,12 @@ class RunConfig(Section):
                     f"peft.{where[1]}.method: a second {method} block (the first is peft.{where[0]}); a model takes "
                     f"one set of virtual positions, so use one {method} block with num_virtual_tokens: {total} "
                     "(their total)")
+        kinds = [i for i, b in enumerate(self.peft) if b.method in ("prompt_tuning", "prefix_tuning")]
+        if len(kinds) > 1:  # each is peft's one "prompt_embeddings" tensor, and peft loads one of them
+            raise ValueError(
+                f"peft.{kinds[1]}.method: {self.peft[kinds[1]].method} beside {self.peft[kinds[0]].method} "
+                f"(peft.{kinds[0]}); both prepend learned virtual positions, and an adapter holds one set; keep "
+                "one of them (prefix_tuning reaches every layer, prompt_tuning only the input)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

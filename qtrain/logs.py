@@ -15,7 +15,8 @@ from qtrain.errors import QTrainError
 
 
 class RunLogger:
-    def __init__(self, out: Path, total_steps: int, enabled: bool, console: bool, tensorboard: bool):
+    def __init__(self, out: Path, total_steps: int, enabled: bool, console: bool, tensorboard: bool,
+                 resumed_at: int = 0):
         self.total_steps, self.enabled, self.console = total_steps, enabled, console
         self.file = (out / "metrics.jsonl").open("a") if enabled else None
         self.writer = None
@@ -25,7 +26,9 @@ class RunLogger:
             except ImportError:
                 raise QTrainError("logging.tensorboard: true needs the tensorboard package; "
                                   "`pip install tensorboard`, or set logging.tensorboard: false") from None
-            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+            # resumed: the events a killed run logged after its checkpoint are dropped, as metrics.jsonl's lines are
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"),
+                                        purge_step=resumed_at + 1 if resumed_at else None)
 
     def __call__(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -38,17 +38,28 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "adapter", "checkpo
              "report.md", "report.png")
 
 
-def check_output_dir(cfg: RunConfig, overwrite: bool, resume_step: int | None = None) -> bool:
+def check_output_dir(cfg: RunConfig, overwrite: bool, resume_step: int | None = None,
+                     resumed_from: Path | None = None) -> bool:
     """Whether `output.dir` holds a run that this one replaces (with `overwrite`); a folder holding files is
-    refused unless the run is resumed or `overwrite` is given. Checked first; nothing is removed until the run is
-    ready to train (`prepare_output_dir`), so a data or memory error leaves the earlier run whole."""
+    refused unless the run is resumed from one of its own checkpoints (`resumed_from`) or `overwrite` is given.
+    Checked first; nothing is removed until the run is ready to train (`prepare_output_dir`), so a data or memory
+    error leaves the earlier run whole."""
     from qtrain.checkpoint import step_dirs
 
     out = Path(cfg.output.dir).expanduser()
     if out.exists() and not out.is_dir():
         raise QTrainError(f"output.dir: {out} is a file; choose a folder path")
+    held = {f.name for f in out.iterdir()} if out.is_dir() else set()
+    if held == {"config.yaml"} and resume_step is None and not written_by_qtrain(out / "config.yaml"):
+        raise QTrainError(f"output.dir: {out} holds a config.yaml that no run wrote (yours?), and a run writes its "
+                          "resolved config there; choose another output.dir, such as a folder inside this one")
     # Empty, or only the config of a run that failed before its first step: no run to protect.
-    holds_run = out.is_dir() and not {f.name for f in out.iterdir()} <= {"config.yaml"}
+    holds_run = not held <= {"config.yaml"}
+    if resume_step is not None and holds_run and resumed_from is not None \
+            and not resumed_from.resolve().is_relative_to(out.resolve()):
+        raise QTrainError(f"output.dir: {out} holds another run than the one {resumed_from} belongs to, and "
+                          "--resume would mix the two; continue from that checkpoint in a new output.dir "
+                          "(--output-dir), or resume the run in its own folder")
     if resume_step is None and holds_run and not overwrite:
         saved = step_dirs(out / "checkpoints")
         hint = f"continue it with --resume (its newest checkpoint is {saved[0].name}), " if saved else ""
@@ -73,8 +84,18 @@ def prepare_output_dir(cfg: RunConfig, overwrite: bool, resume_step: int | None 
         metrics.write_text("".join(kept))
     elif resume_step is None:
         metrics.unlink(missing_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(with_absolute_paths(cfg.to_dict()), sort_keys=False))
+    (out / "config.yaml").write_text(CONFIG_HEADER + yaml.safe_dump(with_absolute_paths(cfg.to_dict()),
+                                                                    sort_keys=False))
     return out
+
+
+CONFIG_HEADER = "# written by qtrain run: this folder's run, its config resolved (auto kept as asked)\n"
+
+
+def written_by_qtrain(config: Path) -> bool:
+    """Whether a run folder's config.yaml is one a run wrote (`CONFIG_HEADER`), not a user's own file."""
+    with open(config, encoding="utf-8", errors="replace") as f:
+        return f.readline() == CONFIG_HEADER
 
 
 def with_absolute_paths(raw: dict) -> dict:
@@ -98,12 +119,18 @@ def _logged_step(line: str) -> float:
         return math.inf  # a line cut short by a crash
 
 
-def total_steps(cfg: RunConfig, n_examples: int, num_processes: int = 1) -> int:
+def schedule(cfg: RunConfig, n_examples: int, num_processes: int = 1) -> tuple[int, int]:
+    """(optimizer steps, micro-batches of the last one). `max_steps`: full steps. `epochs`: exactly that many
+    passes over the data, so where the accumulation does not divide them the last step is shorter (its gradient
+    still the mean over its target tokens), rather than taking micro-batches of a further epoch."""
     t = cfg.training
+    accum = t.gradient_accumulation_steps
     if t.max_steps is not None:
-        return t.max_steps
-    per_epoch = math.ceil(n_examples / (t.micro_batch_size * num_processes))
-    return max(1, math.ceil((t.epochs or 1.0) * per_epoch / t.gradient_accumulation_steps))
+        return t.max_steps, accum
+    per_epoch = math.ceil(n_examples / (t.micro_batch_size * num_processes))  # micro-batches, each process
+    micro = max(1, math.ceil((t.epochs or 1.0) * per_epoch))
+    steps = math.ceil(micro / accum)
+    return steps, micro - (steps - 1) * accum
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -171,7 +198,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
 
     from qtrain.adapter_io import save_adapter
     from qtrain.arch import Arch
-    from qtrain.checkpoint import Checkpointer, check_resumable, check_same_length, resume_point, stop_on_signals
+    from qtrain.checkpoint import (Checkpointer, check_resumable, check_same_length, check_trainable_matches,
+                                   resume_point, stop_on_signals)
     from qtrain.data import Batches, pack, prepare
     from qtrain.evaluate import (eval_loss, exact_match, forgetting_lines, reference_pairs, score_model,
                                  split_held_out)
@@ -202,7 +230,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     # --resume with nothing to resume from (`resume_point` allowed it): what is there goes, as under --overwrite
     replace = overwrite or bool(resume and ckpt is None)
     if main:  # refused now; emptied only once the data, the model and the plan have passed (below)
-        check_output_dir(cfg, replace, ckpt.step if ckpt else None)
+        check_output_dir(cfg, replace, ckpt.step if ckpt else None, ckpt.path if ckpt else None)
     asked = cfg  # what config.yaml keeps: `auto` as written, not as decided below
     seed_everything(cfg.training.seed)
 
@@ -281,6 +309,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         if method.describe():
             say(f"qtrain: {method.describe()}")
     n_trainable = sum(p.numel() for p in params.values())
+    if ckpt:  # before the run folder is touched
+        check_trainable_matches(ckpt, params)
     say(f"qtrain: trainable parameters: {n_trainable:,} ({100 * n_trainable / base_params:.3f}% of the base) "
         f"in {', '.join(m.name for m in methods)}")
     t = cfg.training
@@ -308,7 +338,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     elif accelerator.num_processes > 1:
         model = accelerator.prepare_model(model)
 
-    steps = total_steps(cfg, len(train_set), accelerator.num_processes)
+    steps, last_accum = schedule(cfg, len(train_set), accelerator.num_processes)
     if ckpt:
         check_same_length(ckpt, steps, cfg.training.lr_scheduler, allow_config_change, say)
         say(f"qtrain: resuming from {ckpt.path} (step {ckpt.step} of {steps})")
@@ -320,7 +350,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     batches = Batches(train_set, cfg.training.micro_batch_size, cfg.training.seed, tokenizer.pad_token_id,
                       rank=accelerator.process_index, world=accelerator.num_processes)
     show_bar = cfg.logging.progress and sys.stderr.isatty() and main
-    logger = RunLogger(out, steps, enabled=main, console=not show_bar, tensorboard=cfg.logging.tensorboard)
+    logger = RunLogger(out, steps, enabled=main, console=not show_bar, tensorboard=cfg.logging.tensorboard,
+                       resumed_at=ckpt.step if ckpt else 0)
     every = cfg.training.eval_every
 
     def log(record: dict[str, Any]) -> None:
@@ -336,13 +367,15 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
             logger({"step": record["step"], **ev})
 
     processes = f" × {accelerator.num_processes} processes" if accelerator.num_processes > 1 else ""
+    shorter = f" (the last one {last_accum} micro-batches: the epochs end there)" \
+        if last_accum != cfg.training.gradient_accumulation_steps else ""
     say(f"qtrain: training {steps} steps × {cfg.training.gradient_accumulation_steps} × "
-        f"{cfg.training.micro_batch_size} {'packed rows' if cfg.data.packing else 'examples'}{processes}")
+        f"{cfg.training.micro_batch_size} {'packed rows' if cfg.data.packing else 'examples'}{processes}{shorter}")
     compiled_before = compiled.activity()
     try:
         with stop_on_signals(say) as stop:
             result = train(model, groups, batches, cfg.training, steps, accelerator, log, progress=show_bar,
-                           checkpoints=checkpoints, stop=stop)
+                           checkpoints=checkpoints, stop=stop, last_accum=last_accum)
     finally:
         logger.close()
     calls, breaks = (a - b for a, b in zip(compiled.activity(), compiled_before))
@@ -357,9 +390,10 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         return {"stopped": True, "steps": result.steps, "checkpoint": str(result.checkpoint)}
     model = accelerator.unwrap_model(model)
 
+    applied = [x for x in result.losses if math.isfinite(x)] or [None]  # a skipped step's loss is no loss
     summary: dict[str, Any] = {
-        "steps": result.steps, "train_seconds": round(result.seconds, 1), "first_loss": result.losses[0],
-        "final_loss": result.losses[-1], "trainable_parameters": n_trainable, "base_parameters": base_params,
+        "steps": result.steps, "train_seconds": round(result.seconds, 1), "first_loss": applied[0],
+        "final_loss": applied[-1], "trainable_parameters": n_trainable, "base_parameters": base_params,
         "base_footprint_bytes": fp, "shards": shards, "parameter_bytes_per_process": held,
         # as run, with `auto` resolved (config.yaml keeps what the user wrote)
         **{k: getattr(cfg.training, k) for k in ("micro_batch_size", "gradient_accumulation_steps",
@@ -388,7 +422,8 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         summary["cuda_allocator_conf"] = allocator_settings()
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        say(f"qtrain: loss {summary['first_loss']:.4f} → {summary['final_loss']:.4f} in {result.steps} steps "
+        losses = f"{applied[0]:.4f} → {applied[-1]:.4f}" if applied[0] is not None else "never finite"
+        say(f"qtrain: loss {losses} in {result.steps} steps "
             f"({summary['train_seconds']}s); peak memory {summary['peak_mem_mb']:.0f} MiB")
         if "eval_loss" in summary:
             say(f"qtrain: eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f})")

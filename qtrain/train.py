@@ -222,8 +222,10 @@ def grad_norm_of(params: list[nn.Parameter], max_norm: float | None, accelerator
 def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict[str, torch.Tensor]],
           cfg: TrainingSection, total_steps: int, accelerator, log: Callable[[dict[str, Any]], None],
           progress: bool = False, checkpoints: Checkpointer | None = None,
-          stop: Callable[[], bool] = lambda: False) -> TrainResult:
+          stop: Callable[[], bool] = lambda: False, last_accum: int | None = None) -> TrainResult:
     """Run optimizer steps up to `total_steps` on the parameters in `groups`; call `log` with each step's record.
+    Each step accumulates `gradient_accumulation_steps` micro-batches, the last one `last_accum` (an `epochs`
+    run's last step, where the epochs end; `qtrain.run.schedule`).
 
     With `checkpoints`, the loop first restores its resume point (weights, optimizer, data position, RNG), then
     saves every `save_every` steps, after the last step, and when `stop()` turns true after a step (it then
@@ -234,6 +236,9 @@ def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict
 
     optimizer = accelerator.prepare_optimizer(make_optimizer(groups, cfg))
     peak_lrs = [g["lr"] for g in optimizer.param_groups]
+    # a restored optimizer takes its groups' settings from the checkpoint; the config's are the run's (they
+    # differ only where --allow-config-change let weight_decay, adam_betas or adam_eps change)
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     params = [p for g in groups for p in g["params"]]
     accum = cfg.gradient_accumulation_steps
     device = accelerator.device
@@ -242,6 +247,8 @@ def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict
                               unwrap(model).get_output_embeddings().weight.shape[0])
     scaler = getattr(accelerator, "scaler", None)
     done = checkpoints.restore(optimizer, batches, scaler) if checkpoints else Progress()
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
     model.train()
     bar = tqdm(total=total_steps, initial=done.step, desc="train", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
@@ -254,7 +261,8 @@ def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict
         for group, peak in zip(optimizer.param_groups, peak_lrs):
             group["lr"] = peak * factor
 
-        micro = [next(batches) for _ in range(accum)]  # on the host; step_gradients moves them
+        n_micro = last_accum if last_accum and step + 1 == total_steps else accum
+        micro = [next(batches) for _ in range(n_micro)]  # on the host; step_gradients moves them
         loss_sum, n_targets = step_gradients(model, micro, accelerator, chunk)
         # the step's one read of the device: whether to apply it depends on these
         loss_sum, n_targets, grad_norm = read_on_host(loss_sum, n_targets,
@@ -295,11 +303,16 @@ def train(model: nn.Module, groups: list[dict[str, Any]], batches: Iterator[dict
             raise TrainingDiverged(
                 f"training.max_bad_steps: {bad_in_a_row} optimizer steps in a row (up to step {step + 1}) had a "
                 "non-finite loss or gradient and were skipped; stopping. "
-                + (f"The last good checkpoint is {kept}. " if kept else "No checkpoint was written. ")
-                + "Lower training.learning_rate or check the data, then start again (or --resume)")
+                + (f"The last good checkpoint is {kept}: lower training.learning_rate or check the data, then "
+                   "continue from it with --resume (and --allow-config-change for a new learning rate), or start "
+                   "again with --overwrite" if kept else
+                   "No checkpoint was written: lower training.learning_rate or check the data, then start again "
+                   "with --overwrite (or --resume)"))
 
         stopped = stop() and step + 1 < total_steps
-        if checkpoints and not bad_in_a_row and (checkpoints.due(step + 1) or step + 1 == total_steps or stopped):
+        # the last step's checkpoint even where it was skipped (the weights are the last good ones), so a
+        # finished run resumes to nothing; a periodic one not amid bad steps, which could prune good ones
+        if checkpoints and ((checkpoints.due(step + 1) and not bad_in_a_row) or step + 1 == total_steps or stopped):
             saving = time.perf_counter()
             done.seconds = seconds_before + saving - start
             checkpoints.save(done, optimizer, batches, total_steps, scaler)

@@ -46,6 +46,21 @@ def test_wrong_types_and_impossible_values_name_key_and_value():
     assert "quantization.bits: 3 is not allowed" in text
 
 
+@pytest.mark.parametrize("section,values,expect", [
+    ("training", {"seed": -1}, "training.seed: input should be greater than or equal to 0, got -1"),
+    ("training", {"seed": 2**32}, "training.seed: input should be less than 4294967296"),
+    ("training", {"adam_betas": [1.5, 0.9]}, "training.adam_betas.0: input should be less than 1, got 1.5"),
+    ("training", {"epochs": float("inf")}, "training.epochs: input should be a finite number"),
+    ("training", {"weight_decay": float("nan")}, "training.weight_decay: input should be a finite number"),
+    ("output", {"dir": ""}, "output.dir: string should have at least 1 character"),
+])
+def test_values_that_would_fail_once_the_run_started_are_refused_at_validation(section, values, expect):
+    """Each passed validation and then stopped the run with a traceback (numpy's seed, torch's betas, an
+    infinite step count), or meant the current directory (an empty output.dir)."""
+    assert any(p.startswith(expect) for p in problems({**MINIMAL, section: values})), problems(
+        {**MINIMAL, section: values})
+
+
 def test_max_steps_and_epochs_are_exclusive():
     assert any("either training.max_steps or training.epochs" in p
                for p in problems({**MINIMAL, "training": {"max_steps": 3, "epochs": 1}}))
@@ -188,3 +203,11 @@ def test_a_directory_is_not_a_config_file(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(MINIMAL))  # a run folder
     assert main(["run", str(tmp_path), "--dry-run"]) == 2
     assert f"is a directory; pass the YAML file inside it, e.g. '{tmp_path / 'config.yaml'}'" in capsys.readouterr().err
+
+
+def test_prompt_and_prefix_tuning_together_are_refused():
+    """Each is peft's one `prompt_embeddings` tensor: the adapter kept one and could not be loaded."""
+    found = problems({**MINIMAL, "peft": [{"method": "prompt_tuning", "num_virtual_tokens": 2},
+                                          {"method": "prefix_tuning", "num_virtual_tokens": 2}]})
+    assert any(p.startswith("peft.1.method: prefix_tuning beside prompt_tuning (peft.0); both prepend learned "
+                            "virtual positions") for p in found), found

@@ -196,6 +196,36 @@ def test_eval_every_logs_eval_records_and_tensorboard(tiny_model_dir, dates_file
     assert len(events) == 1 and events[0].stat().st_size > 100
 
 
+def test_a_resumed_runs_tensorboard_drops_what_the_killed_run_logged_after_its_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from qtrain.logs import RunLogger
+
+    killed = RunLogger(tmp_path, 6, enabled=True, console=False, tensorboard=True)
+    for step in (1, 2, 3):  # checkpointed at 2, killed after 3
+        killed({"step": step, "loss": 1.0 / step})
+    killed.close()
+    resumed = RunLogger(tmp_path, 6, enabled=True, console=False, tensorboard=True, resumed_at=2)
+    for step in (3, 4):
+        resumed({"step": step, "loss": 10.0 * step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, 30.0), (4, 40.0)]
+
+
+def test_eval_every_needs_eval_data():
+    from qtrain.config import validate_config
+    from qtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"training\.eval_every: 2 evaluates on data\.eval or on the examples "
+                                          r"data\.eval_fraction holds out, and neither is set"):
+        validate_config({"peft": [{"method": "lora"}], "data": {"train": "x"}, "training": {"eval_every": 2}})
+    validate_config({"peft": [{"method": "lora"}], "data": {"train": "x", "eval_fraction": 0.1},
+                     "training": {"eval_every": 2}})
+
+
 def test_eval_every_must_fall_on_logged_steps():
     from qtrain.config import validate_config
     from qtrain.errors import ConfigError

@@ -3,8 +3,10 @@ gradient accumulation, LoRA dropout (so the RNG state matters) and interruptions
 changes the maths is refused by key, SIGINT stops with a checkpoint and exit 0, non-finite steps are skipped."""
 
 import json
+import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -158,6 +160,68 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_model_dir, dates_f
     assert [p.name for p in ck.step_dirs(tmp_path / "d")] == ["step-1"]
 
 
+def strict_json(path):
+    """A file's JSON as strict parsers (jq, JavaScript) read it: NaN and Infinity are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_skipped_last_step_still_checkpoints_and_its_loss_is_no_number(tiny_model_dir, dates_file, tmp_path):
+    model, groups, batches, cfg, saver, params = session(tiny_model_dir, dates_file, "adamw", tmp_path / "c")
+    poison(model, {TOTAL})
+    result = train(model, groups, batches, cfg, TOTAL, Accelerator(cpu=True), log=lambda r: None,
+                   checkpoints=saver)
+    assert result.skipped == 1 and result.steps == TOTAL
+    # the finished run resumes to nothing: a checkpoint of its last step, holding the weights of step 4
+    assert ck.step_dirs(tmp_path / "c")[0].name == f"step-{TOTAL}"
+    losses = strict_json(tmp_path / "c" / f"step-{TOTAL}" / "state.json")["losses"]
+    assert losses[-1] is None and all(isinstance(x, float) for x in losses[:-1])
+    ckpt = latest_valid(tmp_path / "c")
+    _, groups2, batches2, _, saver2, _ = session(tiny_model_dir, dates_file, "adamw", tmp_path / "c", ckpt)
+    from qtrain.train import make_optimizer
+    assert math.isnan(saver2.restore(make_optimizer(groups2, cfg), batches2).losses[-1])
+
+
+def test_a_resumed_optimizer_takes_the_configs_settings(tiny_model_dir, dates_file, tmp_path):
+    """--allow-config-change may change weight_decay, adam_betas and adam_eps; the restored optimizer's groups
+    would otherwise keep the checkpoint's, and the run's config.yaml would misstate what was trained."""
+    fit(tiny_model_dir, dates_file, "adamw", tmp_path / "c", stop=lambda: True)  # stops after step 1
+    model, groups, batches, cfg, saver, _ = session(tiny_model_dir, dates_file, "adamw", tmp_path / "c",
+                                                     latest_valid(tmp_path / "c"))
+    cfg.weight_decay, cfg.adam_betas, cfg.adam_eps = 0.5, (0.5, 0.6), 0.1
+    train(model, groups, batches, cfg, TOTAL, Accelerator(cpu=True), log=lambda r: None, checkpoints=saver)
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "c" / f"step-{TOTAL}"
+    state = ck._decode(json.loads((folder / "optimizer.json").read_text()), load_file(folder / "optimizer.safetensors"))
+    saved = state["param_groups"][0]
+    assert (saved["weight_decay"], saved["betas"], saved["eps"]) == (0.5, (0.5, 0.6), 0.1)
+
+
+def test_summary_json_reports_the_losses_of_steps_applied(tiny_model_dir, dates_file, tmp_path, monkeypatch):
+    """Skipped steps (non-finite) have no loss: summary.json stays strict JSON, its first and final losses are
+    those of the first and last steps applied."""
+    import qtrain.train
+    from qtrain.run import run
+
+    real = qtrain.train.train
+
+    def with_bad_ends(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.losses[0] = result.losses[-1] = math.nan
+        return result
+
+    monkeypatch.setattr(qtrain.train, "train", with_bad_ends)
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file, training={"max_steps": 4},
+                                   eval={"before_training": False, "exact_match": False}))
+    run(cfg)
+    summary = strict_json(tmp_path / "run" / "summary.json")
+    logged = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert (summary["first_loss"], summary["final_loss"]) == (pytest.approx(logged[1], abs=1e-6),
+                                                              pytest.approx(logged[2], abs=1e-6))
+
+
 # ------------------------------------------------------------------------------------------------ the CLI
 
 
@@ -220,6 +284,60 @@ def test_resume_refuses_a_config_that_changes_the_maths(tiny_model_dir, dates_fi
     code, stdout, _ = cli(capsys, config, "--set=training.max_steps=3", "--resume", "--allow-config-change")
     assert code == 0 and "will differ from an uninterrupted run" in stdout
     assert [p.name for p in ck.step_dirs(tmp_path / "run" / "checkpoints")] == ["step-3", "step-2"]
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_resume_refuses_what_no_flag_can_apply_and_touches_nothing(tiny_model_dir, dates_file, tmp_path, capsys):
+    """Another optimizer cannot take the checkpoint's state, another rank its tensors: refused even under
+    --allow-config-change, before the run folder is touched (its metrics, its config.yaml)."""
+    config = write_config(tmp_path, tiny_model_dir, dates_file, training={"max_steps": 2})
+    assert cli(capsys, config)[0] == 0
+    before = snapshot(tmp_path / "run")
+    code, _, err = cli(capsys, config, "--set=training.optimizer=paged_adamw_8bit", "--resume",
+                       "--allow-config-change", "--set=training.max_steps=3")
+    assert code == 2 and "holds the state of training.optimizer: 'adamw', which 'paged_adamw_8bit' cannot take" \
+        in err, err
+    code, _, err = cli(capsys, config, "--set=peft.0.r=8", "--resume", "--allow-config-change",
+                       "--set=training.max_steps=3")
+    assert code == 2 and re.search(r"trainable tensors have other shapes than this run's \(.*lora_A.*: \(4, 64\) "
+                                   r"there, \(8, 64\) here", err), err
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_resume_from_another_runs_checkpoint_never_mixes_two_runs(tiny_model_dir, dates_file, tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    other = write_config(tmp_path / "a", tiny_model_dir, dates_file, training={"max_steps": 2})
+    assert cli(capsys, other)[0] == 0
+    config = write_config(tmp_path, tiny_model_dir, dates_file, training={"max_steps": 2})
+    assert cli(capsys, config)[0] == 0
+    before = snapshot(tmp_path / "run")
+    step = tmp_path / "a" / "run" / "checkpoints" / "step-2"
+    code, _, err = cli(capsys, config, f"--resume={step}", "--set=training.max_steps=3", "--allow-config-change")
+    assert code == 2 and "holds another run than the one" in err and "--resume would mix the two" in err, err
+    assert snapshot(tmp_path / "run") == before
+    code, _, err = cli(capsys, config, f"--resume={step}", "--set=training.max_steps=3", "--allow-config-change",
+                       f"--output-dir={tmp_path / 'continued'}")  # into a new folder: what the error advises
+    assert code == 0, err
+    assert [p.name for p in ck.step_dirs(tmp_path / "continued" / "checkpoints")] == ["step-3"]
+
+
+def test_a_users_own_config_in_the_output_folder_is_left_alone(tiny_model_dir, dates_file, tmp_path, capsys):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    config = write_config(exp, tiny_model_dir, dates_file, training={"max_steps": 1}, output={"dir": str(exp)})
+    text = "# my notes\n" + config.read_text()
+    config.write_text(text)
+    for extra in ((), ("--overwrite",), ("--resume",)):
+        code, _, err = cli(capsys, config, *extra)
+        assert code == 2 and "holds a config.yaml that no run wrote (yours?)" in err, (extra, err)
+        assert config.read_text() == text and {p.name for p in exp.iterdir()} == {"config.yaml"}
+    code, _, err = cli(capsys, config, f"--output-dir={exp / 'run'}")
+    assert code == 0, err
+    from qtrain.run import written_by_qtrain
+    assert written_by_qtrain(exp / "run" / "config.yaml") and not written_by_qtrain(config)
 
 
 def test_resume_keeps_the_checkpointing_that_auto_decided(tiny_model_dir, dates_file, tmp_path, capsys):

@@ -156,3 +156,37 @@ def test_schedule_warms_up_then_decays():
     assert all(a >= b for a, b in zip(f[2:], f[3:])) and f[-1] < 0.05
     assert lr_factor(6, 2, 10, "linear") == pytest.approx(0.5)
     assert lr_factor(9, 0, 10, "constant") == 1.0
+
+
+@pytest.mark.parametrize("examples,micro,accum,epochs,expected", [
+    (8, 4, 4, 1, (1, 2)),  # the accumulation is more than an epoch: one step of the epoch's 2 micro-batches
+    (8, 3, 2, 1, (2, 1)),  # 3 micro-batches an epoch (the last of 2 examples): the second step takes one
+    (8, 3, 2, 2, (3, 2)),  # two epochs are 6 micro-batches: three full steps
+    (8, 2, 3, 0.5, (1, 2)),
+])
+def test_an_epochs_run_takes_each_example_once_an_epoch(examples, micro, accum, epochs, expected):
+    from qtrain.config import validate_config
+    from qtrain.run import schedule
+
+    cfg = validate_config({"peft": [{"method": "lora"}], "data": {"train": "x"}, "training": {
+        "micro_batch_size": micro, "gradient_accumulation_steps": accum, "epochs": epochs}})
+    assert schedule(cfg, examples) == expected
+    full = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": 5, "epochs": None})})
+    assert schedule(full, examples) == (5, accum)
+
+
+def test_one_epoch_trains_on_every_target_token_once(tiny_model_dir, dates_file, tmp_path):
+    """8 examples in micro-batches of 3, two per step: one epoch is 3 micro-batches, so the second step takes
+    the last one alone (it took a fourth, of the next epoch, before)."""
+    from qtrain.run import run
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file, eval={"before_training": False},
+                                   training={"max_steps": None, "epochs": 1, "micro_batch_size": 3,
+                                             "gradient_accumulation_steps": 2}))
+    run(cfg)
+    steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    from qtrain.modeling import load_tokenizer, resolve_model_path
+
+    _, stats = prepare(str(dates_file), cfg.data, load_tokenizer(resolve_model_path(cfg.model), cfg.model), "x")
+    assert [r["step"] for r in steps] == [1, 2]
+    assert sum(r["target_tokens"] for r in steps) == stats.target_tokens
