@@ -65,6 +65,9 @@ GRID = [
     ("medium", 4, True, {}, 1, 4096, "adamw", "sdpa", "bfloat16", {"mlp_chunk_tokens": 512}),
     ("medium", 4, True, {}, 1, 4096, "adamw", "sdpa", "bfloat16", {**FUSED, "mlp_chunk_tokens": 512}),
     ("small", 4, False, {"target_modules": QV}, 4, 256, "adamw", "sdpa", "auto", FUSED),
+    # DoRA: its rescaling keeps W·x and the update in fp32 per token; its weight norm makes three (out, in) fp32
+    ("small", 4, False, {"dora": True, "dropout": 0.1}, 2, 128, "adamw", "sdpa", "auto"),
+    ("medium", 4, True, {"dora": True}, 2, 256, "adamw", "sdpa", "bfloat16"),
 ]
 
 
@@ -231,6 +234,7 @@ def describe(point: tuple) -> str:
     targets = targets if isinstance(targets, str) else ",".join(t.split("_")[0] for t in targets)
     shown = {"fused_ops": "fused", "mlp_chunk_tokens": "tiled MLP"}
     extra = ", ".join(f"{shown[k]} {v}" if v is not True else shown[k] for k, v in (switches or [{}])[0].items())
+    targets += " DoRA" if lora.get("dora") else ""
     return (f"{name:6} | {str(bits):4} | {'on ' if ckpt else 'off'} | {lora.get('r', LORA['r']):3} | {targets:10} | "
             f"{mb:2} | {seq:4} | {optimizer:16} | {attn:5} | {dtype.replace('auto', 'fp32')} | {extra or '-'}")
 

@@ -45,6 +45,7 @@ from qtrain.config import RunConfig
 from qtrain.errors import QTrainError
 from qtrain.gpus import MiB
 from qtrain.locate import model_config_file
+from qtrain.methods.blocks import SparseBlock, check_unfreeze_overlap, targeted
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 CUDA_CONTEXT = 512 * MiB  # CUDA context + cuBLAS workspace, outside torch's allocator (typical on CUDA 12)
@@ -215,7 +216,7 @@ def _layer_saved_per_token(s: Setup, layer: int) -> tuple[float, float]:
     mlp = (2 if s.fused else 3) * a.intermediate * e  # gate, silu(gate), up; fused: silu(gate) is rebuilt
     total += mlp
     size = {"attn_in": a.hidden, "o_in": q, "mlp_in": a.hidden, "down_in": a.intermediate}
-    targets = _layout(s)[1]
+    targets, shapes = _layout(s)[1], a.linears()
     for group, names in GROUPS.items():
         before = total
         shared = copies = 0  # the input itself kept once; fp32 copies kept per LoRA wrapper
@@ -226,6 +227,8 @@ def _layer_saved_per_token(s: Setup, layer: int) -> tuple[float, float]:
             ranks = [chosen[full] for n in names if (full := f"model.layers.{layer}.{n}") in chosen]
             hit = len(ranks)
             total += sum(ranks) * e  # A's output, saved by B
+            if getattr(b, "dora", False):  # DoRA's rescaling keeps W·x and the update, fp32, for m's gradient
+                total += sum(8 * shapes[full][1] for n in names if (full := f"model.layers.{layer}.{n}") in chosen)
             dropout = getattr(b, "dropout", 0) > 0
             # dropout's mask: bool from CUDA's fused kernel; on a CPU the scaled noise, in the input's dtype
             total += hit * size[group] * dropout * (1 if s.device == "cuda" else e)
@@ -439,7 +442,7 @@ def estimate(s: Setup) -> Estimate:
             "gradients": trainable, "optimizer_states": states, "activations": 0, "layer_backward": 0,
             "logits_and_loss": 0, "dequant_scratch": kept_scratch, "optimizer_step": 0, "gathered_weights": 0,
             "runtime_overhead": overhead}
-    transient_scratch = max(scratch - kept_scratch, held)
+    transient_scratch = max(scratch - kept_scratch, held, _dense_method_scratch(s))
     if s.compiled and not tiled and s.bits:  # qtrain.compiled is off beside the tiled MLP
         transient_scratch = max(transient_scratch, max(in_graph.values(), default=0) + opaque)
     loss_phase = shared + below[-1] + grads_always + loss_ws
@@ -471,6 +474,16 @@ def estimate(s: Setup) -> Estimate:
     # what torch's allocator holds of it (`max_memory_allocated`): bnb's paged states are CUDA managed memory
     details["allocator_bytes"] = details["tensor_bytes"] - paged
     return Estimate(comp, details, sum(comp.values()))
+
+
+def _dense_method_scratch(s: Setup) -> int:
+    """Float32 (out, in) matrices a method makes for one layer at a time, for the largest layer it targets:
+    sparse fine-tuning's one (`qtrain.methods.sparse`: the delta in forward, its gradient in backward); DoRA's
+    three for its weight norm (the dequantized weight, B·A, their sum)."""
+    def per_layer(b: Any) -> int:
+        return 1 if isinstance(b, SparseBlock) else 3 if getattr(b, "dora", False) else 0
+    return max((4 * per_layer(b) * i * o for b in s.blocks if per_layer(b)
+                for i, o in targeted(s.arch, b.target_modules).values()), default=0)
 
 
 def _share(n: int, s: Setup) -> int:
@@ -531,6 +544,7 @@ def setup_from_config(cfg: RunConfig, model_cfg: dict[str, Any], device: str = "
     compute = q.compute_dtype if q.compute_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     mb = micro_batch or (t.micro_batch_size if isinstance(t.micro_batch_size, int) else 1)
     arch = Arch.from_config(model_cfg)
+    check_unfreeze_overlap(cfg.peft, arch)
     return Setup(
         arch=arch, blocks=tuple(cfg.peft), bits=None if q.bits == "none" else int(q.bits),
         double_quant=q.double_quant, blocksize=q.blocksize, skip_modules=tuple(q.skip_modules),

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
@@ -342,3 +343,58 @@ def test_user_mistakes_are_clear_errors(tiny_model_dir):
         build_methods([BitFitBlock(method="bitfit", target_modules=["q_proj"])])[0].attach(model)
     with pytest.raises(ValueError, match="not a valid regex"):
         LoRABlock(method="lora", alpha_pattern={"(q_proj": 2})
+
+
+@pytest.mark.parametrize("feedforward", [None, []], ids=["default", "none"])
+def test_ia3_without_a_feedforward_module_reloads_from_its_files(tiny_model_dir, tmp_path, feedforward):
+    """Targets that leave out down_proj: the default feedforward module applies only where targeted, and the
+    saved adapter must keep that rule (it was written as an explicit [down_proj], which its reload refused)."""
+    model = load(tiny_model_dir, 4).model
+    block = IA3Block(method="ia3", target_modules=["q_proj", "v_proj"], feedforward_modules=feedforward)
+    methods = build_methods([block])
+    params = methods[0].attach(model)
+    with torch.no_grad():
+        for p in params.values():
+            p.uniform_(0.5, 1.5)
+    save_adapter(tmp_path / "ia3", methods, params, base_model=str(tiny_model_dir))
+    assert json.loads((tmp_path / "ia3" / "adapter_config.json").read_text())["feedforward_modules"] == []
+    fresh = load(tiny_model_dir, 4).model
+    load_adapter(fresh, tmp_path / "ia3")
+    torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=0)
+    assert block.trainable_parameters(Arch.from_path(tiny_model_dir)) == sum(p.numel() for p in params.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_delta_keeps_no_dense_delta_for_backward_and_gives_autograds_gradients(dtype):
+    """The sparse layer's product keeps the input, the values and the indices for backward, not the (out, in)
+    float32 delta (a whole weight's size per layer) autograd's F.linear kept; the gradients are the same."""
+    from qtrain.methods.sparse import SparseDeltaLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40, bias=False).to(dtype).requires_grad_(False)
+    layer = SparseDeltaLinear(base, torch.randperm(48 * 40)[:96].sort().values)
+    with torch.no_grad():
+        layer.sparse_values.normal_()
+    x = torch.randn(3, 5, 48, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 5, 40, dtype=dtype)
+
+    def grads(forward):
+        saved = []
+        def keep(t):  # what backward holds on to, but the frozen base weight (held by the model anyway)
+            if t.untyped_storage().data_ptr() != base.weight.untyped_storage().data_ptr():
+                saved.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            y = forward(x)
+        xg, vg = torch.autograd.grad(y, (x, layer.sparse_values), g)
+        return y, xg, vg, saved
+
+    y, xg, vg, saved = grads(layer)
+    ref_y, ref_xg, ref_vg, ref_saved = grads(
+        lambda t: base(t) + F.linear(t.to(torch.float32), layer.delta()).to(dtype))
+    dense = {(40, 48), (48, 40)}
+    assert dense & set(ref_saved) and not dense & set(saved), (ref_saved, saved)  # no dense delta kept here
+    torch.testing.assert_close(y, ref_y, rtol=0, atol=0)
+    torch.testing.assert_close(xg, ref_xg, rtol=0, atol=0)
+    torch.testing.assert_close(vg, ref_vg, rtol=1e-6, atol=1e-6)

@@ -165,11 +165,16 @@ PREFIX = {"method": "prefix_tuning", "num_virtual_tokens": 40}
 DROPOUT = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"}
 
 
-@pytest.mark.parametrize("peft,micro_batch", [(None, 3), ([PREFIX], 1), ([PREFIX], 3), ([DROPOUT], 3)])
+DORA = {**DROPOUT, "dora": True}
+
+
+@pytest.mark.parametrize("peft,micro_batch", [(None, 3), ([PREFIX], 1), ([PREFIX], 3), ([DROPOUT], 3), ([DORA], 3),
+                                              ([{**DORA, "dropout": 0.0}], 3)])
 def test_saved_activations_match_autograd(tmp_path, tiny_model_dir, dates_file, peft, micro_batch):
     """The bytes autograd saves in a real forward vs the prediction (LoRA; prefix tuning, whose 40 keys/values
     per layer also make transformers build a mask, repeat the GQA keys/values and sdpa keep a float mask; LoRA
-    with dropout, whose mask a CPU keeps in the input's dtype, CUDA's fused kernel as bool)."""
+    with dropout, whose mask a CPU keeps in the input's dtype, CUDA's fused kernel as bool; DoRA, whose rescaling
+    keeps W·x and the update in fp32, and which with dropout kept every targeted layer's fp32 weight)."""
     saved, predicted = _saved_and_predicted(tmp_path, tiny_model_dir, dates_file, micro_batch,
                                             **({"peft": peft} if peft else {}))
     assert abs(predicted - saved) / saved < 0.10
@@ -600,3 +605,19 @@ def test_auto_micro_batch_is_no_larger_than_the_data(tmp_path, tiny_model_dir, d
     rows = sum(1 for line in dates_file.read_text().splitlines() if line.strip())
     assert f"micro_batch_size auto → {rows} (" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["micro_batch_size"] == rows
+
+
+def test_two_unfreeze_blocks_of_one_layer_are_refused_before_planning(tiny_model_dir, dates_file, tmp_path):
+    """The second would train nothing there and the plan counted its parameters twice."""
+    from qtrain.config import load_config
+    from qtrain.errors import QTrainError
+    from qtrain.memory import setup_from_config
+
+    blocks = [{"method": "unfreeze", "layers": [1]}, {"method": "unfreeze", "last_n": 1}]
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, dates_file, peft=blocks))
+    with pytest.raises(QTrainError, match=r"peft\.1: unfreeze chooses model\.layers\.1\..*which the unfreeze block "
+                                          r"peft\.0 chooses too"):
+        setup_from_config(cfg, _model_cfg(tiny_model_dir), device="cpu")
+    apart = load_config(write_config(tmp_path, tiny_model_dir, dates_file, peft=[
+        {"method": "unfreeze", "layers": [0]}, {"method": "unfreeze", "last_n": 1}]))
+    setup_from_config(apart, _model_cfg(tiny_model_dir), device="cpu")  # layers 0 and 1: fine

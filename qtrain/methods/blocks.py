@@ -107,6 +107,11 @@ def _check_targets(v: list[str] | str) -> list[str] | str:
 
 
 Targets = Annotated[list[str] | str, AfterValidator(_check_targets)]
+
+
+def _check_feedforward(v: list[str] | str) -> list[str] | str:
+    """IA3's feedforward modules: as targets, but [] (none of the targets) is a choice of its own."""
+    return v if v == [] else _check_targets(v)
 """Module names (matched against the last name components, e.g. `q_proj`), a regex over the full module name
 (a string that is not a plain name), or `all-linear` (every linear layer but the output head)."""
 
@@ -192,17 +197,20 @@ class LoRABlock(Block):
 class IA3Block(Block):
     """`method: ia3`: learned scaling vectors, initialised to ones (peft's IA3, same file layout).
 
-    Options: `target_modules` (default k_proj, v_proj, down_proj); `feedforward_modules` (default down_proj),
-    a subset of the targets whose *input* is scaled (the MLP's intermediate activation, one value per input
-    feature); the other targets have their *output* scaled (keys and values, one value per output feature).
+    Options: `target_modules` (default k_proj, v_proj, down_proj); `feedforward_modules`, a subset of the
+    targets whose *input* is scaled (the MLP's intermediate activation, one value per input feature; default,
+    null: down_proj where it is targeted; [] for none); the other targets have their *output* scaled (keys and
+    values, one value per output feature).
     """
 
     method: Literal["ia3"]
     target_modules: Targets = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    feedforward_modules: Targets = Field(default_factory=lambda: ["down_proj"])
+    # None, not ["down_proj"]: the default's rule (only where targeted) must survive a saved adapter's reload
+    feedforward_modules: Annotated[list[str] | str, AfterValidator(_check_feedforward)] | None = None
 
     def trainable_parameters(self, arch: Arch) -> int:
-        return sum(i if matches(name, self.feedforward_modules) else o
+        feedforward = self.feedforward_modules if self.feedforward_modules is not None else ["down_proj"]
+        return sum(i if matches(name, feedforward) else o
                    for name, (i, o) in targeted(arch, self.target_modules).items())
 
 
@@ -416,6 +424,19 @@ class UnfreezeBlock(Block):
 
     def full_precision_linears(self, arch: Arch) -> set[str]:
         return {name.rpartition(".")[0] for name in self.parameters_of(arch)} & set(arch.linears())
+
+
+def check_unfreeze_overlap(blocks: list[Block] | tuple[Block, ...], arch: Arch) -> None:
+    """Two unfreeze blocks that choose one parameter: the second would train nothing there (the first owns it)
+    and the planner would count it twice; refused, as two blocks of another method on one module are."""
+    owner: dict[str, int] = {}
+    for i, b in enumerate(blocks):
+        if isinstance(b, UnfreezeBlock):
+            for name in b.parameters_of(arch):
+                if name in owner:
+                    raise QTrainError(f"peft.{i}: unfreeze chooses {name}, which the unfreeze block peft.{owner[name]} "
+                                      "chooses too; choose each layer in one block (e.g. layers: [1, -1])")
+                owner[name] = i
 
 
 def _module_prefixes(param_name: str) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qtrain.arch import matches
 from qtrain.errors import QTrainError
 from qtrain.methods.blocks import IA3Block
 from qtrain.methods.wrapping import LinearWrapper, WrappingMethod
@@ -51,21 +52,25 @@ class IA3(WrappingMethod):
     def __init__(self, block: IA3Block):
         super().__init__(block)
         self._peft_targets: list[str] | str = block.target_modules
-        self._peft_feedforward: list[str] | str = block.feedforward_modules
+        self._peft_feedforward: list[str] | str = block.feedforward_modules or []
 
     def attach(self, model: nn.Module) -> dict[str, nn.Parameter]:
         b: IA3Block = self.block
         self.select(model)
-        feedforward = select_linears(model, b.feedforward_modules, "peft.ia3.feedforward_modules")
-        if "feedforward_modules" not in b.model_fields_set:  # the default only applies where it is targeted
-            feedforward = [n for n in feedforward if n in self.targets]
+        if b.feedforward_modules is None:  # the default: down_proj wherever it is targeted
+            feedforward = [n for n in self.targets if matches(n, ["down_proj"])]
+        elif b.feedforward_modules == []:
+            feedforward = []
+        else:
+            feedforward = select_linears(model, b.feedforward_modules, "peft.ia3.feedforward_modules")
         outside = sorted(set(feedforward) - set(self.targets))
         if outside:  # peft refuses such a config too
             raise QTrainError(f"peft.ia3.feedforward_modules: {outside[0]} is not among target_modules; feedforward "
                               "modules must be a subset of the targets (e.g. target_modules: [k_proj, v_proj, "
                               "down_proj], feedforward_modules: [down_proj])")
         self._peft_targets = portable_targets(model, self.targets, b.target_modules)
-        self._peft_feedforward = portable_targets(model, feedforward, b.feedforward_modules)
+        self._peft_feedforward = portable_targets(model, feedforward, b.feedforward_modules or []) \
+            if feedforward else []
         ff = set(feedforward)
         wrappers = self.wrap(model, lambda name, m: IA3Linear(m, name in ff))
         return {f"{name}.ia3_l": w.ia3_l for name, w in wrappers.items()}

@@ -32,7 +32,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qtrain.arch import pattern_key
@@ -41,7 +40,7 @@ from qtrain.methods.blocks import LoRABlock
 from qtrain.methods.wrapping import LinearWrapper, WrappingMethod
 from qtrain.numerics import dora_merged_weight, dora_weight_norm, lora_delta_weight, lora_scaling, matmul_dtype
 from qtrain.modeling import recomputing
-from qtrain.quantization import dequantized_weight, is_linear, linear_input_grad, linear_product
+from qtrain.quantization import FrozenMatmul, dequantized_weight, is_linear, linear_input_grad, linear_product
 from qtrain.surgery import portable_targets
 
 
@@ -151,7 +150,9 @@ class LoRALinear(LinearWrapper):
             bias = self.base_layer.bias
             base = out.float() if bias is None else out.float() - bias.float()  # W·x, reused from the base
         else:
-            base = F.linear(h, weight)  # with dropout, peft rescales the dropped-out input's base path
+            # with dropout, peft rescales the dropped-out input's base path; through FrozenMatmul, which
+            # dequantizes again in backward, not F.linear, which would keep this float32 weight until then
+            base = FrozenMatmul.apply(h, None, self.base_layer, torch.float32)
         return (scale - 1) * base + scale * update
 
     def merged(self, kind: str, tensor: torch.Tensor) -> torch.Tensor:

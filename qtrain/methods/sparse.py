@@ -10,7 +10,9 @@ Materialising Δ each forward beat gathering the touched inputs with `index_add`
 forward + backward, on this project's 2-core CPU for SmolLM2-135M's shapes and 512 tokens (benchmarks/
 sparse_delta.py): about 2× faster at density 1 % and 5–20× at 5 %; `index_add` only won at 0.1 %, where both
 are cheap next to the base layer. So there is one code path, the dense one; it needs one transient (out, in)
-float32 matrix per layer.
+float32 matrix per layer, in forward and again in backward: `_SparseDelta` keeps only the layer's input, the
+values and the indices for backward (autograd's own product kept Δ itself, a whole float32 weight per layer, and
+a float32 copy of a 16-bit input).
 
 The adapter stores values (trainable) and indices (a saved buffer) under the layer's path. Merging adds Δ.
 """
@@ -30,6 +32,34 @@ from qtrain.methods.blocks import SparseBlock, sparse_size
 from qtrain.methods.wrapping import LinearWrapper, WrappingMethod
 
 
+def _scatter(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The dense (out, in) delta holding `values` at the flat `indices`."""
+    return values.new_zeros(shape[0] * shape[1]).scatter_(0, indices, values).view(shape)  # in place: one matrix
+
+
+class _SparseDelta(torch.autograd.Function):
+    """x · Δᵀ in float32 for Δ = `_scatter(values, indices, shape)`; the same products as
+    `F.linear(x.float(), Δ)` under autograd, but Δ is rebuilt in backward instead of kept."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                shape: tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(x, values, indices)
+        ctx.shape = shape
+        return F.linear(x.to(values.dtype), _scatter(values, indices, shape))  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, values, indices = ctx.saved_tensors
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(_scatter(values, indices, ctx.shape)).to(x.dtype)  # (..., in)
+        if ctx.needs_input_grad[1]:
+            g, inputs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]).to(values.dtype)
+            grad_values = g.t().mm(inputs).view(-1).gather(0, indices)  # dL/dΔ (out, in) at the mask: (k,)
+        return grad_x, grad_values, None, None
+
+
 class SparseDeltaLinear(LinearWrapper):
     def __init__(self, base_layer: nn.Module, indices: torch.Tensor):
         super().__init__(base_layer)
@@ -40,13 +70,14 @@ class SparseDeltaLinear(LinearWrapper):
 
     def delta(self) -> torch.Tensor:
         """The dense (out, in) float32 delta; differentiable in the values."""
-        dense = self.sparse_values.new_zeros(self.out_features * self.in_features)
-        return dense.scatter(0, self.sparse_indices, self.sparse_values).view(self.out_features, self.in_features)
+        return _scatter(self.sparse_values, self.sparse_indices, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)  # (..., out)
-        delta = self.probe if self.probe is not None else self.delta()
-        return out + F.linear(x.to(delta.dtype), delta).to(out.dtype)
+        if self.probe is not None:  # calibrating: the gradient of a dense delta is dL/dW
+            return out + F.linear(x.to(self.probe.dtype), self.probe).to(out.dtype)
+        shape = (self.out_features, self.in_features)
+        return out + _SparseDelta.apply(x, self.sparse_values, self.sparse_indices, shape).to(out.dtype)
 
     def merged(self, kind: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor + self.delta().detach().to(tensor.device) if kind == "weight" else tensor
