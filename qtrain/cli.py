@@ -180,6 +180,9 @@ def _run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         print(f"qtrain: {args.config} is valid", file=sys.stderr)
         return 0
+    if args.allow_config_change and args.resume is None:
+        raise QTrainError("--allow-config-change lets --resume continue under a changed config; without --resume "
+                          "there is no checkpoint to compare with: add --resume, or leave it out")
     if args.fsdp and args.nproc < 2 and "LOCAL_RANK" not in os.environ:
         raise QTrainError(f"--fsdp shards over several processes; add --nproc N (N >= 2), got --nproc {args.nproc}")
     if args.fsdp and "LOCAL_RANK" in os.environ and os.environ.get("ACCELERATE_USE_FSDP") != "true":

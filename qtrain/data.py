@@ -89,13 +89,26 @@ def load_rows(path: str, key: str):
 
 
 def _csv_as_text(p: Path) -> dict[str, Any]:
-    """CSV cells are text: numbers and dates are not guessed, empty cells stay empty strings."""
+    """CSV cells are text: numbers and dates are not guessed, empty cells stay empty strings. The file is read
+    once here first, so that what the CSV reader would only call "an error occurred" is named by its line."""
     import csv
 
     import datasets
 
     with open(p, newline="", encoding="utf-8-sig") as f:  # a byte-order mark (Excel's "CSV UTF-8") is not a name
-        header = next(csv.reader(f), [])
+        reader = csv.reader(f)
+        header = next(reader, [])
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:
+            raise DataError(f"{p}:1: the header names {twice} more than once; give each column its own name")
+        rows = 0
+        for row in reader:
+            if row and len(row) != len(header):
+                raise DataError(f"{p}:{reader.line_num}: {len(row)} fields where the header has {len(header)}; "
+                                "quote cells that hold commas, or fix that line")
+            rows += bool(row)
+    if not rows:
+        raise DataError(f"{p}: has a header and no examples; it needs at least one row under the header")
     return {"features": datasets.Features({c: datasets.Value("string") for c in header}), "keep_default_na": False}
 
 

@@ -49,7 +49,8 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
                    ([str(config["peft_type"]).lower()] if config else []),
         "ranks": ranks, "targets": config.get("target_modules") if config else None,
         "base_model": (config or {}).get("base_model_name_or_path") or (meta or {}).get("base_model"),
-        "tensors": len(tensors), "parameters": sum(_numel(s) for s, _ in tensors.values()),
+        # sparse fine-tuning's int64 mask positions travel with its values, and are no parameters
+        "tensors": len(tensors), "parameters": sum(_numel(s) for s, d in tensors.values() if not d.startswith("I")),
         "dtypes": sorted({d for _, d in tensors.values()}),
     }
     info["consumers"] = {"qtrain": _qtrain(meta), "peft": _peft(config, meta), "vLLM": _vllm(config, tensors),

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from qtrain import compiled, sharding
+from qtrain.arch import Arch
 from qtrain.config import RunConfig
 from qtrain.errors import QTrainError
 from qtrain.gpus import allocator_settings, prefer_expandable_segments
@@ -133,6 +134,17 @@ def schedule(cfg: RunConfig, n_examples: int, num_processes: int = 1) -> tuple[i
     return steps, micro - (steps - 1) * accum
 
 
+def check_skip_modules(cfg: RunConfig, arch: Arch) -> None:
+    """A `quantization.skip_modules` name that matches no linear layer (a typo) would quantize what it meant to
+    keep; refused, naming the layers there are. `lm_head`, the default, names the output head."""
+    names = [*arch.linears(), "lm_head"]
+    for k in cfg.quantization.skip_modules:
+        if not any(n == k or n.endswith("." + k) for n in names):
+            short = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise QTrainError(f"quantization.skip_modules: {k!r} matches no linear layer of this model; its linear "
+                              f"layers are named {short}")
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Logical parameter count of the base (a 4-bit weight counts as its unpacked size)."""
     from qtrain.quantization import is_quantized
@@ -197,7 +209,6 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
     from accelerate.utils import DistributedDataParallelKwargs
 
     from qtrain.adapter_io import save_adapter
-    from qtrain.arch import Arch
     from qtrain.checkpoint import (Checkpointer, check_resumable, check_same_length, check_trainable_matches,
                                    resume_point, stop_on_signals)
     from qtrain.data import Batches, pack, prepare
@@ -251,6 +262,7 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         say(f"qtrain: data.train: {packing.line()}")
 
     arch = Arch.from_path(model_path)
+    check_skip_modules(cfg, arch)
     saved = ckpt.state.get("config", {}).get("training", {}) if ckpt else {}  # what the interrupted run decided
     decided = saved.get("gradient_checkpointing")
     if cfg.training.gradient_checkpointing == "auto" and isinstance(decided, bool):  # as the interrupted run did
@@ -339,6 +351,13 @@ def run(cfg: RunConfig, overwrite: bool = False, resume: str | None = None,
         model = accelerator.prepare_model(model)
 
     steps, last_accum = schedule(cfg, len(train_set), accelerator.num_processes)
+    if ckpt and ckpt.step > steps:
+        raise QTrainError(f"--resume: {ckpt.path} is at step {ckpt.step}, past the {steps} steps this run is long; "
+                          "resume with the run's length (training.max_steps or epochs), or resume an earlier "
+                          "checkpoint")
+    if cfg.training.warmup_steps >= steps:
+        say(f"qtrain: warning: training.warmup_steps ({cfg.training.warmup_steps}) is not shorter than the run "
+            f"({steps} steps): the learning rate never reaches training.learning_rate")
     if ckpt:
         check_same_length(ckpt, steps, cfg.training.lr_scheduler, allow_config_change, say)
         say(f"qtrain: resuming from {ckpt.path} (step {ckpt.step} of {steps})")

@@ -80,7 +80,7 @@ def test_prefix_tuning_rules_are_checked_before_anything_loads():
     for checkpointing in (True, False, "auto"):
         cfg = validate_config({**MINIMAL, "peft": [prefix], "training": {"gradient_checkpointing": checkpointing}})
         assert cfg.training.gradient_checkpointing == checkpointing
-    assert validate_config({**MINIMAL, "peft": [prefix, {"method": "prompt_tuning"}, {"method": "lora"}]})
+    assert validate_config({**MINIMAL, "peft": [prefix, {"method": "lora"}]})  # prompt_tuning beside it: refused
     for method in ("prefix_tuning", "prompt_tuning"):
         found = problems({**MINIMAL, "peft": [{"method": "lora"}, {"method": method, "num_virtual_tokens": 8},
                                                {"method": method, "num_virtual_tokens": 16}]})

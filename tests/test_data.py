@@ -177,6 +177,20 @@ def test_system_prompt_applies_to_every_format_with_a_prompt(tokenizer, dates_fi
         DataSection(train="x", format="text", system_prompt="Be brief.")
 
 
+@pytest.mark.parametrize("content,message", [
+    ("instruction,input,output\nRewrite.,March 3, 2021,2021-03-03\n",
+     r"d\.csv:2: 4 fields where the header has 3; quote cells that hold commas"),
+    ("instruction,output,output\nRewrite.,a,b\n", r"d\.csv:1: the header names \['output'\] more than once"),
+    ("instruction,input,output\n", r"d\.csv: has a header and no examples"),
+])
+def test_a_csv_the_reader_would_refuse_is_named_by_line(tokenizer, tmp_path, content, message):
+    """The CSV reader says only "An error occurred while generating the dataset" (or drops a duplicate column)."""
+    path = tmp_path / "d.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        prepare(str(path), DataSection(train=str(path)), tokenizer, "data.train")
+
+
 def test_missing_file_and_bad_extension(tokenizer, tmp_path):
     with pytest.raises(DataError, match="data.train: .* does not exist"):
         prepare(str(tmp_path / "nope.jsonl"), DataSection(train="x"), tokenizer, "data.train")

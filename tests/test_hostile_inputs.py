@@ -115,6 +115,11 @@ def test_hostile_inputs_fail_with_a_named_error_and_damage_nothing(tiny_model_di
     array.write_text(json.dumps([ROWS[0], {"instruction": "x", "input": "y"}], indent=2))
     case("json_array_row_missing_a_field", data=array,  # named by its place among the examples, not a line
          expect=r"array\.json, example 2: missing field 'output' \(.*this row has \['input', 'instruction'\]\)")
+    case("skip_modules_typo", "--set=quantization.skip_modules=[lm_head, q_prj]",
+         expect=r"quantization\.skip_modules: 'q_prj' matches no linear layer of this model; its linear layers "
+                r"are named \[.*'q_proj'")
+    case("allow_config_change_alone", "--allow-config-change",
+         expect=r"--allow-config-change lets --resume continue under a changed config.*add --resume")
     case("tokenizer_without_pad_token", model=model_variant(
         tiny_model_dir, tmp_path / "nopad-model", edit_tokenizer=lambda t: t.pop("pad_token")), expect=None)
 

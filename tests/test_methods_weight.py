@@ -398,3 +398,13 @@ def test_sparse_delta_keeps_no_dense_delta_for_backward_and_gives_autograds_grad
     torch.testing.assert_close(y, ref_y, rtol=0, atol=0)
     torch.testing.assert_close(xg, ref_xg, rtol=0, atol=0)
     torch.testing.assert_close(vg, ref_vg, rtol=1e-6, atol=1e-6)
+
+
+def test_inspect_counts_a_sparse_adapters_values_not_its_mask_positions(tiny_model_dir, tmp_path):
+    from qtrain.inspect_adapter import inspect_adapter
+
+    model = load(tiny_model_dir, 4).model
+    methods = build_methods([SparseBlock(method="sparse", density=0.01, target_modules=["down_proj"])])
+    params = methods[0].attach(model)
+    save_adapter(tmp_path / "sparse", methods, params, base_model=str(tiny_model_dir))
+    assert inspect_adapter(tmp_path / "sparse")["parameters"] == sum(p.numel() for p in params.values())

@@ -340,6 +340,17 @@ def test_a_users_own_config_in_the_output_folder_is_left_alone(tiny_model_dir, d
     assert written_by_qtrain(exp / "run" / "config.yaml") and not written_by_qtrain(config)
 
 
+def test_resume_past_the_runs_end_is_refused(tiny_model_dir, dates_file, tmp_path, capsys):
+    """Under a constant schedule the length may change on resume, but not to before the checkpoint: it
+    printed "resuming … (step 2 of 1)" and wrote the adapter again."""
+    config = write_config(tmp_path, tiny_model_dir, dates_file, training={"max_steps": 2, "lr_scheduler": "constant",
+                                                                        "warmup_steps": 5})
+    code, out, _ = cli(capsys, config)
+    assert code == 0 and "warmup_steps (5) is not shorter than the run (2 steps)" in out
+    code, _, err = cli(capsys, config, "--set=training.max_steps=1", "--resume")
+    assert code == 2 and "is at step 2, past the 1 steps this run is long" in err, err
+
+
 def test_resume_keeps_the_checkpointing_that_auto_decided(tiny_model_dir, dates_file, tmp_path, capsys):
     """`gradient_checkpointing: auto` decided off at the start (a 64GB budget); resumed under a budget where it
     would decide on, the run takes the checkpoint's decision instead of refusing a changed config."""
