@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from qtrain.config import DataSection, RunConfig
-from qtrain.data import Formatter, _adds_bos, collate, load_rows
+from qtrain.data import Formatter, _adds_bos, collate
+from qtrain.datafiles import load_rows
 from qtrain.errors import DataError
 from qtrain.methods import prepare_inputs
 from qtrain.train import batch_loss_sum, host_inputs, to_device, without_right_padding_mask
@@ -71,9 +72,7 @@ def reference_pairs(path: str, cfg: DataSection, tokenizer, limit: int) -> list[
         elif cfg.format == "chat":
             msgs = fmt._messages(row, where)
             last = max(j for j, m in enumerate(msgs) if m["role"] == "assistant")
-            prompt = fmt.render(msgs[:last], where, add_generation_prompt=True) if last else \
-                fmt.opening(msgs[0], where)  # what the model was trained to answer from
-            pairs.append((prompt, msgs[last]["content"]))
+            pairs.append((fmt.before_turn(msgs, last, where), msgs[last]["content"]))
     return pairs
 
 

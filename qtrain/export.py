@@ -358,7 +358,8 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def check_prompts(cfg, tokenizer, limit: int = 8) -> list[torch.Tensor]:
     """Token ids of the held-out texts the check runs: data.eval rows (prompt + answer), else fixed prompts."""
-    from qtrain.data import _adds_bos, load_rows
+    from qtrain.data import _adds_bos
+    from qtrain.datafiles import load_rows
     from qtrain.evaluate import reference_pairs
 
     texts: list[str] = []

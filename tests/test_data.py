@@ -87,17 +87,23 @@ def test_other_file_formats(tokenizer, tmp_path, kind):
     assert trained_text(tokenizer, out[0]) == "2021-03-03<|im_end|>\n"
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', r"d\.jsonl:2: not valid JSON"),
-    ('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"d\.jsonl:2: missing field 'output'"),
-    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": 5}\n',
+@pytest.mark.parametrize("name,content,message", [
+    ("d.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n',
+     r"d\.jsonl:2: not valid JSON"),
+    ("d.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"d\.jsonl:2: missing field 'output'"),
+    ("d.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a", "output": 5}\n',
      r"d\.jsonl:3: field 'output' is int"),
-    ('["not", "an", "object"]\n', r"array of objects"),
-    ("", r"is empty"),
-    ("\n\n", r"no examples"),
+    ("d.jsonl", '["not", "an", "object"]\n', r"array of objects"),
+    ("d.jsonl", "", r"is empty"),
+    ("d.jsonl", "\n\n", r"no examples"),
+    # the CSV reader says only "An error occurred while generating the dataset" (or drops a duplicate column)
+    ("d.csv", "instruction,input,output\nRewrite.,March 3, 2021,2021-03-03\n",
+     r"d\.csv:2: 4 fields where the header has 3; quote cells that hold commas"),
+    ("d.csv", "instruction,output,output\nRewrite.,a,b\n", r"d\.csv:1: the header names \['output'\] more than once"),
+    ("d.csv", "instruction,input,output\n", r"d\.csv: has a header and no examples"),
 ])
-def test_bad_files_name_file_and_line(tokenizer, tmp_path, content, message):
-    path = tmp_path / "d.jsonl"
+def test_bad_files_name_file_and_line(tokenizer, tmp_path, name, content, message):
+    path = tmp_path / name
     path.write_text(content)
     with pytest.raises(DataError, match=message):
         prepare(str(path), DataSection(train=str(path)), tokenizer, "data.train")
@@ -175,20 +181,6 @@ def test_system_prompt_applies_to_every_format_with_a_prompt(tokenizer, dates_fi
     assert tokenizer.decode(ds[0]["input_ids"]).startswith("Be brief.\n\n### Instruction:\n")
     with pytest.raises(ValueError, match=r"data\.system_prompt: a text row is trained on as it stands"):
         DataSection(train="x", format="text", system_prompt="Be brief.")
-
-
-@pytest.mark.parametrize("content,message", [
-    ("instruction,input,output\nRewrite.,March 3, 2021,2021-03-03\n",
-     r"d\.csv:2: 4 fields where the header has 3; quote cells that hold commas"),
-    ("instruction,output,output\nRewrite.,a,b\n", r"d\.csv:1: the header names \['output'\] more than once"),
-    ("instruction,input,output\n", r"d\.csv: has a header and no examples"),
-])
-def test_a_csv_the_reader_would_refuse_is_named_by_line(tokenizer, tmp_path, content, message):
-    """The CSV reader says only "An error occurred while generating the dataset" (or drops a duplicate column)."""
-    path = tmp_path / "d.csv"
-    path.write_text(content)
-    with pytest.raises(DataError, match=message):
-        prepare(str(path), DataSection(train=str(path)), tokenizer, "data.train")
 
 
 def test_missing_file_and_bad_extension(tokenizer, tmp_path):

@@ -205,12 +205,16 @@ class IA3Block(Block):
 
     method: Literal["ia3"]
     target_modules: Targets = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    # None, not ["down_proj"]: the default's rule (only where targeted) must survive a saved adapter's reload
+    # None, not DEFAULT_FEEDFORWARD: the default's rule (only where targeted) must survive a saved adapter's reload
     feedforward_modules: Annotated[list[str] | str, AfterValidator(_check_feedforward)] | None = None
+    DEFAULT_FEEDFORWARD: ClassVar[list[str]] = ["down_proj"]
+
+    def is_feedforward(self, name: str) -> bool:
+        """Whether targeted linear `name` has its input scaled (else its output)."""
+        return matches(name, self.DEFAULT_FEEDFORWARD if self.feedforward_modules is None else self.feedforward_modules)
 
     def trainable_parameters(self, arch: Arch) -> int:
-        feedforward = self.feedforward_modules if self.feedforward_modules is not None else ["down_proj"]
-        return sum(i if matches(name, feedforward) else o
+        return sum(i if self.is_feedforward(name) else o
                    for name, (i, o) in targeted(arch, self.target_modules).items())
 
 

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from qtrain.arch import matches
 from qtrain.errors import QTrainError
 from qtrain.methods.blocks import IA3Block
 from qtrain.methods.wrapping import LinearWrapper, WrappingMethod
@@ -57,19 +56,18 @@ class IA3(WrappingMethod):
     def attach(self, model: nn.Module) -> dict[str, nn.Parameter]:
         b: IA3Block = self.block
         self.select(model)
-        if b.feedforward_modules is None:  # the default: down_proj wherever it is targeted
-            feedforward = [n for n in self.targets if matches(n, ["down_proj"])]
-        elif b.feedforward_modules == []:
-            feedforward = []
-        else:
-            feedforward = select_linears(model, b.feedforward_modules, "peft.ia3.feedforward_modules")
+        if b.feedforward_modules is None:  # the default: wherever it is targeted
+            feedforward = [n for n in self.targets if b.is_feedforward(n)]
+        else:  # what the user named, which must be targeted; [] for none
+            feedforward = b.feedforward_modules and select_linears(model, b.feedforward_modules,
+                                                                   "peft.ia3.feedforward_modules")
         outside = sorted(set(feedforward) - set(self.targets))
         if outside:  # peft refuses such a config too
             raise QTrainError(f"peft.ia3.feedforward_modules: {outside[0]} is not among target_modules; feedforward "
                               "modules must be a subset of the targets (e.g. target_modules: [k_proj, v_proj, "
                               "down_proj], feedforward_modules: [down_proj])")
         self._peft_targets = portable_targets(model, self.targets, b.target_modules)
-        self._peft_feedforward = portable_targets(model, feedforward, b.feedforward_modules or []) \
+        self._peft_feedforward = portable_targets(model, feedforward, b.feedforward_modules or feedforward) \
             if feedforward else []
         ff = set(feedforward)
         wrappers = self.wrap(model, lambda name, m: IA3Linear(m, name in ff))
